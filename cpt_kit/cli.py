@@ -1,0 +1,113 @@
+"""`cpt-kit` command line. Heavy libraries are imported inside the commands that need them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cpt_kit.errors import CptKitError
+
+STAGE_CHOICE = click.Choice(["prepare", "train", "evaluate", "merge", "gguf", "modelfile", "verify"])
+
+
+def _console():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]):
+    from cpt_kit.recipe import apply_overrides, load_recipe
+    return apply_overrides(load_recipe(recipe_path), overrides)
+
+
+class _Group(click.Group):
+    """Prints CptKitError as a short message (what, where, what to do) and exits 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CptKitError as exc:
+            click.echo(click.style("error: ", fg="red", bold=True) + exc.render(), err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="cpt-kit")
+def main() -> None:
+    """Continued pretraining recipes on Unsloth, exported to GGUF and Ollama."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. train.learning_rate=1e-4.")
+@click.option("--until", type=STAGE_CHOICE, help="Stop after this stage.")
+@click.option("--stage", "only", type=STAGE_CHOICE, help="Run only this stage (earlier ones must be done).")
+@click.option("--dry-run", is_flag=True, help="Validate the recipe and print the plan; load no model.")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
+@click.option("--force", is_flag=True, help="Redo finished stages / write into a run of another recipe.")
+def run(recipe, overrides, until, only, dry_run, output_dir, force):
+    """Run RECIPE (a .py file defining RECIPE) through prepare -> train -> evaluate -> export."""
+    from cpt_kit.hardware import check_recipe_against_hardware, detect
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.pipeline import default_run_dir, describe_plan, make_plan, run_pipeline
+    from cpt_kit.summary import print_summary
+
+    if until and only:
+        raise click.UsageError("use either --until or --stage, not both")
+    console = _console()
+    resolved = _load(recipe, overrides)
+    notes = check_recipe_against_hardware(resolved, detect())
+    run_dir = default_run_dir(resolved, output_dir)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if dry_run:
+        manifest = Manifest.load(run_dir.manifest)
+        plan = make_plan(resolved, run_dir, manifest, console, until, only, force)
+        console.print(f"recipe {resolved.name!r} is valid; run directory {run_dir.root}")
+        for line in describe_plan(plan):
+            console.print("  " + line)
+        if plan.conflicts:
+            console.print(f"[yellow]would need --force to redo: {', '.join(plan.conflicts)}[/yellow]")
+        return
+    try:
+        manifest = run_pipeline(resolved, run_dir, console, until=until, only=only, force=force, notes=notes)
+    except CptKitError:
+        if run_dir.manifest.exists():
+            print_summary(console, run_dir, Manifest.load(run_dir.manifest))
+        raise
+    print_summary(console, run_dir, manifest)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--docs", is_flag=True, help="Show each field's description too.")
+def show(recipe, overrides, docs):
+    """Print the resolved RECIPE (after --set overrides)."""
+    import dataclasses
+
+    from rich.tree import Tree
+
+    from cpt_kit.recipe import field_docs
+
+    resolved = _load(recipe, overrides)
+
+    def add(node, obj):
+        descriptions = field_docs(type(obj)) if docs else {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            doc = f"  [dim]# {descriptions[f.name]}[/dim]" if f.name in descriptions else ""
+            if dataclasses.is_dataclass(value):
+                add(node.add(f"[bold]{f.name}[/bold]{doc}"), value)
+            else:
+                node.add(f"{f.name} = {value!r}{doc}")
+
+    tree = Tree(f"[bold]Recipe[/bold] {resolved.name!r}  ({Path(recipe)})")
+    add(tree, resolved)
+    _console().print(tree)
+
+
+if __name__ == "__main__":
+    main()

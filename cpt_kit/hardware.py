@@ -1,0 +1,62 @@
+"""What the machine can do, and the recipe checks that depend on it (run before any model loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpt_kit.errors import RecipeError
+from cpt_kit.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str
+    """cuda or cpu."""
+    name: str
+    """GPU name, or the CPU's description."""
+    bf16: bool
+    """Whether bf16 compute is supported (Ampere and newer on CUDA)."""
+    memory_gb: float
+    """GPU memory in GiB (0 on CPU)."""
+
+
+def detect() -> Hardware:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Hardware("cuda", props.name, torch.cuda.is_bf16_supported(), props.total_memory / 2**30)
+    import platform
+    return Hardware("cpu", platform.processor() or platform.machine(), False, 0.0)
+
+
+def check_recipe_against_hardware(recipe: Recipe, hw: Hardware) -> list[str]:
+    """Raise for settings this machine cannot run; return notes about what cpt-kit adapts."""
+    notes = []
+    precision = recipe.train.precision
+    if hw.device == "cuda" and precision == "bf16" and not hw.bf16:
+        raise RecipeError(f"bf16 was requested but {hw.name} has no bf16 support", where="train.precision",
+                          hint="use --set train.precision=fp16 (or auto); T4 and V100 GPUs need fp16")
+    if hw.device == "cuda" and recipe.model.dtype == "bfloat16" and not hw.bf16:
+        raise RecipeError(f"bfloat16 weights were requested but {hw.name} has no bf16 support",
+                          where="model.dtype", hint="use --set model.dtype=float16 (or auto)")
+    if hw.device == "cpu" and precision in ("fp16", "bf16"):
+        raise RecipeError(f"{precision} mixed precision needs a GPU; this machine has none",
+                          where="train.precision", hint="use --set train.precision=auto (fp32 on CPU)")
+    if hw.device == "cpu" and recipe.model.load_in_4bit:
+        notes.append("no GPU: loading the base in 16/32-bit instead of 4-bit (bitsandbytes 4-bit "
+                     "with trainable embeddings needs CUDA; on CPU 4-bit saves nothing that matters)")
+    return notes
+
+
+def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
+    """fp32, fp16 or bf16: what training uses on this machine."""
+    if recipe.train.precision != "auto":
+        return recipe.train.precision
+    if hw.device != "cuda":
+        return "fp32"
+    return "bf16" if hw.bf16 else "fp16"
+
+
+def use_4bit(recipe: Recipe, hw: Hardware) -> bool:
+    return recipe.model.load_in_4bit and hw.device == "cuda"

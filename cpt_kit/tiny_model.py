@@ -1,0 +1,135 @@
+"""Tiny Llama-architecture models with SentencePiece tokenizers, built offline.
+
+Used by the offline demo recipe and by the tests: no hub download, real architecture, a real
+SentencePiece `tokenizer.model` (llama.cpp's converter recognises it), hidden size 256 so that
+K-quants (row sizes multiple of 256) work. Variants: tied embeddings, a ChatML or Llama-3 style
+chat template with its special tokens, any weight dtype, several safetensors shards.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def train_sentencepiece(texts: Iterable[str], out_file: Path, vocab_size: int = 1000,
+                        user_symbols: tuple[str, ...] = ()) -> Path:
+    """Train a Llama-style SentencePiece BPE model (byte fallback, <unk>=0, <s>=1, </s>=2)."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t for t in texts if t.strip()]), model_writer=buffer,
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=list(user_symbols),
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", num_threads=2, minloglevel=2, hard_vocab_limit=False,
+    )
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_bytes(buffer.getvalue())
+    return out_file
+
+
+def build_tiny_model(out_dir: str | Path, texts: list[str], *, vocab_size: int = 1000, hidden_size: int = 256,
+                     num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512,
+                     tie_word_embeddings: bool = False, chat_template: Optional[str] = None,
+                     dtype: str = "float32", max_shard_size: str = "5GB", seed: int = 0) -> Path:
+    """Write a randomly initialised tiny LlamaForCausalLM + SentencePiece tokenizer to `out_dir`.
+
+    chat_template: None (base model), "chatml" or "llama3" (adds that family's special tokens).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    symbols = {"chatml": CHATML_TOKENS, "llama3": LLAMA3_TOKENS, None: ()}[chat_template]
+    with tempfile.TemporaryDirectory() as sp_dir:  # only tokenizer.model there: transformers converts it
+        sp_file = train_sentencepiece(texts, Path(sp_dir) / "tokenizer.model", vocab_size, symbols)
+        tokenizer = LlamaTokenizer.from_pretrained(sp_dir, add_bos_token=True, add_eos_token=False, legacy=False)
+        sp_bytes = sp_file.read_bytes()
+    if symbols:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(symbols)})
+    if chat_template == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = "<|im_end|>"
+    elif chat_template == "llama3":
+        tokenizer.chat_template = LLAMA3_TEMPLATE
+        tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 writes only tokenizer.json; llama.cpp's converter wants the SentencePiece model.
+    (out_dir / "tokenizer.model").write_bytes(sp_bytes)
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None, torch_dtype=dtype,
+    )
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    return out_dir
+
+
+def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int = 200, seq_len: int = 128,
+                        batch_size: int = 8, learning_rate: float = 3e-3, seed: int = 0, progress=None) -> list[float]:
+    """A short plain-PyTorch pretraining of a tiny model in place, so the demo base is not noise.
+
+    Returns the loss per step. This is deliberately minimal: it only has to give the base some
+    general-language knowledge before the demo's continued pretraining on another language.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+    blocks = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    if len(blocks) == 0:
+        raise ValueError(f"pretraining text has {len(ids)} tokens, fewer than one block of {seq_len}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(losses[-1])
+    model.save_pretrained(model_dir)
+    return losses

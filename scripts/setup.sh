@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything cpt-kit needs into .venv (idempotent; a rerun on the same machine is quick).
+# Follows ENVIRONMENT.md: CPU torch pinned, real unsloth on CPU, llama-cpp-python built with
+# the flags that avoid the quantized-GGUF segfault, its sdist kept for the offline converter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+CACHE=.cache
+LLAMA_VERSION=0.3.36
+mkdir -p "$CACHE/wheels" "$CACHE/sdist"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/pip --disable-pip-version-check -q"
+STAMP="$VENV/.cpt-kit-installed-$(cat constraints.txt pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)"
+if [ -f "$STAMP" ]; then echo "setup: .venv up to date"; exit 0; fi
+
+echo "setup: torch (CPU build) + unsloth"
+$PIP install -c constraints.txt torch==2.13.0
+$PIP install -c constraints.txt "unsloth==2026.10.9" "unsloth_zoo==2026.10.9"
+# GPU-only extras that break `import unsloth` on a CPU torch (ENVIRONMENT.md).
+$VENV/bin/pip uninstall -y -q torchvision xformers triton 2>/dev/null || true
+
+echo "setup: llama-cpp-python $LLAMA_VERSION (cached wheel in $CACHE/wheels)"
+if ! ls "$CACHE/wheels"/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+    $VENV/bin/pip wheel --no-deps -w "$CACHE/wheels" "llama-cpp-python==$LLAMA_VERSION"
+fi
+$PIP install -c constraints.txt --no-deps "$CACHE/wheels"/llama_cpp_python-$LLAMA_VERSION-*.whl
+$PIP install -c constraints.txt diskcache jinja2 typing-extensions numpy
+if [ ! -d "$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION" ]; then
+  $VENV/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$CACHE/sdist"
+  tar -xzf "$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$CACHE/sdist"
+fi
+
+echo "setup: cpt-kit and its test tools"
+$PIP install -c constraints.txt -e ".[test]"
+rm -f "$VENV"/.cpt-kit-installed-*
+touch "$STAMP"
+echo "setup: done"
