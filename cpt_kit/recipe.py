@@ -515,3 +515,25 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     return docs
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a Recipe from `Recipe.to_dict()` output (e.g. a run's manifest.json)."""
+    return _from_dict(Recipe, data, "")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = _type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RecipeError(f"unknown key {prefix}{key!r}", hint=_closest_hint(key, hints))
+    values = {}
+    for name, value in data.items():
+        nested = _dataclass_in(hints[name])
+        if nested is not None and isinstance(value, dict):
+            value = _from_dict(nested, value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
