@@ -10,8 +10,18 @@ from cpt_kit.errors import RecipeError
 from cpt_kit.recipe import Model
 
 
+TINY_PREFIX = "tiny:"
+
+
 def resolve_base(model: Model) -> str:
-    """A local directory or a hub id. A run directory (has manifest.json) means its merged model."""
+    """A local directory or a hub id. A run directory (has manifest.json) means its merged model.
+
+    `tiny:FOLDER` means a tiny Llama built offline from the .txt files in FOLDER (the demo's base;
+    built once and cached, see cpt_kit.tiny_model.cached_tiny_base).
+    """
+    if model.base.startswith(TINY_PREFIX):
+        from cpt_kit.tiny_model import cached_tiny_base
+        return str(cached_tiny_base(Path(model.base[len(TINY_PREFIX):]).expanduser()))
     path = Path(model.base).expanduser()
     if (path / "manifest.json").is_file():
         merged = path / "merged"

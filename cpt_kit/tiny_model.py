@@ -133,3 +133,38 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int =
             progress(losses[-1])
     model.save_pretrained(model_dir)
     return losses
+
+
+DEMO_BASE = {"vocab_size": 1000, "pretrain_steps": 150, "seq_len": 128, "batch_size": 8, "learning_rate": 3e-3}
+
+
+def cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("CPT_KIT_CACHE", Path.home() / ".cache" / "cpt-kit"))
+
+
+def cached_tiny_base(text_folder: Path) -> Path:
+    """The demo's base model: a tiny Llama whose tokenizer and weights come from the .txt files in
+    `text_folder` (short general pretraining). Built once per content hash, then reused."""
+    import hashlib
+    import json
+
+    from cpt_kit.errors import RecipeError
+    from cpt_kit.rundir import atomic_path
+
+    files = sorted(Path(text_folder).glob("*.txt"))
+    if not files:
+        raise RecipeError(f"no .txt files in {text_folder} to build the tiny base model from", where="model.base",
+                          hint="tiny:FOLDER needs a folder of plain-text documents")
+    texts = [f.read_text(encoding="utf-8") for f in files]
+    digest = hashlib.sha256(json.dumps([texts, DEMO_BASE]).encode()).hexdigest()[:12]
+    target = cache_dir() / f"tiny-base-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"building the tiny base model from {len(texts)} documents in {text_folder} -> {target}")
+    with atomic_path(target) as tmp:
+        build_tiny_model(tmp, texts, vocab_size=DEMO_BASE["vocab_size"])
+        losses = pretrain_tiny_model(tmp, texts, steps=DEMO_BASE["pretrain_steps"], seq_len=DEMO_BASE["seq_len"],
+                                     batch_size=DEMO_BASE["batch_size"], learning_rate=DEMO_BASE["learning_rate"])
+        print(f"tiny base pretrained: loss {losses[0]:.2f} -> {sum(losses[-10:]) / 10:.2f}")
+    return target
