@@ -152,10 +152,6 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    if isinstance(old, list):
-        old = tuple(old)
-    if isinstance(new, list):
-        new = tuple(new)
     return [] if old == new else [prefix.rstrip(".")]
 
 

@@ -240,7 +240,8 @@ class Recipe:
         _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON data (tuples become lists), as stored in manifest.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -353,7 +354,7 @@ def _check_values(r: Recipe) -> None:
     e = r.export
     for q in e.quantizations:
         _require(q in QUANT_TYPES, "export.quantizations", f"unknown quantization {q!r}",
-                 _closest_hint(q, QUANT_TYPES))
+                 _closest_hint(q.upper(), QUANT_TYPES))
     if e.modelfile_quant is not None:
         _require(e.modelfile_quant in e.quantizations + (e.outtype.upper(),), "export.modelfile_quant",
                  f"{e.modelfile_quant!r} is not produced by this recipe",
