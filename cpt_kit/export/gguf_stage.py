@@ -1,0 +1,67 @@
+"""The gguf stage: `merged/` -> `gguf/<name>-F16.gguf` (or BF16) + one file per quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpt_kit.errors import ExportError
+from cpt_kit.rundir import RunDir
+
+
+def gguf_path(run: RunDir, name: str, kind: str) -> Path:
+    """Path of one GGUF of a run: kind is the outtype (f16/bf16) or a quantization (Q4_K_M...)."""
+    return run.gguf / f"{name}-{kind.upper()}.gguf"
+
+
+def gguf_files(run: RunDir, recipe) -> dict[str, Path]:
+    """{"F16" (or "BF16"): path, "Q4_K_M": path, ...}: the files this stage writes for `recipe`."""
+    base = recipe.export.outtype.upper()
+    files = {base: gguf_path(run, recipe.name, base)}
+    for quant in recipe.export.quantizations:
+        files.setdefault(quant.upper(), gguf_path(run, recipe.name, quant))
+    return files
+
+
+def input_fingerprint(ctx) -> dict:
+    from cpt_kit.export.llama_cpp import installed_version
+    try:
+        return {"llama-cpp-python": installed_version()}
+    except ExportError:
+        return {"llama-cpp-python": None}
+
+
+def run(ctx) -> dict:
+    from cpt_kit.export.gguf import check_disk_space, convert_to_gguf, quantize_gguf
+
+    recipe, run_dir = ctx.recipe, ctx.run
+    merged = run_dir.merged
+    if not (merged / "config.json").is_file():
+        raise ExportError(f"no merged model in {merged}", where=str(run_dir.root), hint="run the merge stage first")
+    files = gguf_files(run_dir, recipe)
+    outtype = recipe.export.outtype.upper()
+    quants = [q for q in files if q != outtype]
+    metrics: dict = {"disk": check_disk_space(merged, run_dir.gguf, len(quants))}
+    ctx.log(f"converting {merged} to {outtype} GGUF")
+    base = convert_to_gguf(merged, files[outtype], recipe.export.outtype, log=ctx.log)
+    files_metrics = {outtype: _short(base, run_dir)}
+    for quant in quants:
+        ctx.log(f"quantizing to {quant}")
+        info = quantize_gguf(files[outtype], files[quant], quant)
+        if info["fallback_tensors"]:
+            ctx.log(f"{quant}: {info['fallback_tensors']} of {info['fallback_of']} tensor(s) required fallback "
+                    "quantization (row sizes not a multiple of the block size)")
+        files_metrics[quant] = _short(info, run_dir)
+    metrics["files"] = files_metrics
+    metrics["convert_seconds"] = base["seconds"]
+    for quant in quants:
+        metrics[f"{quant}_mib"] = round(files_metrics[quant]["bytes"] / 2**20, 2)
+        metrics[f"{quant}_fallback"] = f"{files_metrics[quant]['fallback_tensors']} of {files_metrics[quant]['fallback_of']}"
+    metrics[f"{outtype}_mib"] = round(base["bytes"] / 2**20, 2)
+    metrics["headline"] = [f"{outtype}_mib"] + [f"{q}_mib" for q in quants]
+    return metrics
+
+
+def _short(info: dict, run_dir: RunDir) -> dict:
+    keep = {k: v for k, v in info.items() if k != "path"}
+    keep["file"] = str(Path(info["path"]).relative_to(run_dir.root))
+    return keep
