@@ -1,0 +1,3 @@
+module cptkit/ollamatmpl
+
+go 1.22
