@@ -1,0 +1,154 @@
+"""Trainer callbacks: logs/train.jsonl (loss, both learning rates, tokens/s, memory) and the NaN guard.
+
+Both work with either backend: they only read what every transformers Trainer passes to its
+callbacks (the logs, the optimizer, the model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from transformers import TrainerCallback
+
+from cpt_kit.errors import TrainingError
+
+
+def memory_mb(device: str) -> float:
+    """CUDA: peak allocated since start. CPU: current resident set size of this process."""
+    if device == "cuda":
+        import torch
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        import os
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def group_learning_rates(optimizer: Any) -> tuple[Optional[float], Optional[float]]:
+    """(LoRA learning rate, embedding learning rate) as the optimizer uses them now."""
+    if optimizer is None:
+        return None, None
+    lora = embed = None
+    embed_ids = getattr(optimizer, "cpt_kit_embedding_ids", set())
+    for group in getattr(optimizer, "param_groups", []):
+        if not group["params"]:
+            continue
+        is_embed = group.get("cpt_kit_embeddings") or any(id(p) in embed_ids for p in group["params"])
+        if is_embed and embed is None:
+            embed = float(group["lr"])
+        elif not is_embed and lora is None:
+            lora = float(group["lr"])
+    return lora, embed
+
+
+class TrainLog(TrainerCallback):
+    """Writes one JSON object per logging step (and per evaluation) to logs/train.jsonl."""
+
+    def __init__(self, path: Path, tokens_per_step: int, device: str, embedding_ids: set[int]):
+        self.path = Path(path)
+        self.tokens_per_step = tokens_per_step
+        self.device = device
+        self.embedding_ids = embedding_ids
+        self.losses: list[tuple[int, float]] = []
+        self.eval_losses: list[tuple[int, float]] = []
+        self.train_seconds = 0.0
+        self.steps_this_session = 0
+        self._interval_seconds = 0.0
+        self._interval_steps = 0
+        self._step_started: Optional[float] = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            optimizer.cpt_kit_embedding_ids = self.embedding_ids
+        self._write({"event": "train_begin", "step": state.global_step, "max_steps": state.max_steps,
+                     "time": time.time()})
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            self.train_seconds += elapsed
+            self._interval_seconds += elapsed
+            self._interval_steps += 1
+            self.steps_this_session += 1
+            self._step_started = None
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        logs = dict(logs or {})
+        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            lr, embed_lr = group_learning_rates(optimizer)
+            tps = (self._interval_steps * self.tokens_per_step / self._interval_seconds
+                   if self._interval_seconds > 0 else None)
+            record.update(loss=float(logs["loss"]), learning_rate=lr, embedding_learning_rate=embed_lr,
+                          grad_norm=_float(logs.get("grad_norm")),
+                          tokens_per_second=round(tps, 1) if tps else None, memory_mb=memory_mb(self.device))
+            self._interval_seconds, self._interval_steps = 0.0, 0
+            self.losses.append((state.global_step, float(logs["loss"])))
+        elif "eval_loss" in logs:
+            record.update(eval_loss=float(logs["eval_loss"]))
+            self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
+        else:
+            return
+        self._write(record)
+
+
+class NanGuard(TrainerCallback):
+    """Stops training on a NaN/inf loss, and never lets a non-finite state be saved.
+
+    The logged loss is checked at every logging step (the trainer's NaN filter is turned off so
+    a NaN is not averaged away); before every checkpoint the trainable weights are checked too.
+    Raising inside the trainer's log/step hooks aborts before the save of that step.
+    """
+
+    def __init__(self, precision: str):
+        self.precision = precision
+
+    def _fail(self, step: int, what: str) -> None:
+        hint = "lower train.learning_rate (and train.embedding_learning_rate)"
+        if self.precision != "fp32":
+            hint += ", or use --set train.precision=fp32"
+        hint += "; the last good checkpoint in checkpoints/ is kept, rerun resumes from it only if the recipe is unchanged"
+        raise TrainingError(f"training diverged at step {step}: {what}", where="train", hint=hint)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        keys = ("loss", "eval_loss") if self.precision == "fp16" else ("loss", "eval_loss", "grad_norm")
+        for key in keys:  # fp16's loss scaler skips steps with inf gradients by design
+            value = _float((logs or {}).get(key))
+            if value is not None and not math.isfinite(value):
+                self._fail(state.global_step, f"{key} is {value}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if (control.should_save or control.should_training_stop) and model is not None:
+            name = first_non_finite_parameter(model)
+            if name:
+                self._fail(state.global_step, f"trainable weight {name} is not finite")
+
+
+def first_non_finite_parameter(model: Any) -> Optional[str]:
+    import torch
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def _float(value: Any) -> Optional[float]:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,176 @@
+"""The train stage: LoRA continued pretraining on the packed blocks of data/, into adapter/.
+
+Reads data/train, data/heldout (one column `input_ids`, fixed-length blocks), data/tokenizer/
+and, when present, data/tokenizer_extension.json. Writes checkpoints/checkpoint-N/ every
+`train.save_steps`, logs/train.jsonl, and adapter/ (PEFT adapter with embed_tokens/lm_head as
+full weights, the tokenizer, cpt_kit_train.json) atomically. A run interrupted with the same
+fingerprint resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from cpt_kit.errors import DataError, TrainingError
+from cpt_kit.rundir import atomic_path, atomic_write_json
+
+CPU_4BIT_NOTE = ("no GPU: loading the base in 16/32-bit instead of 4-bit (4-bit with trainable "
+                 "embeddings fails on CPU, and saves nothing that matters there)")
+
+
+def run(ctx) -> dict[str, Any]:
+    return train(ctx)
+
+
+def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the stage; `callbacks` (extra TrainerCallbacks) exist for tests and benchmarks."""
+    from cpt_kit.train.backend import get_backend, resolve_backend_name
+    backend = get_backend(resolve_backend_name(ctx.recipe.train.backend))  # imports unsloth first, if chosen
+
+    from cpt_kit.train.backend import TrainSetup, embedding_parameters, resolve_optim
+    from cpt_kit.train.callbacks import NanGuard, TrainLog, first_non_finite_parameter
+    from cpt_kit.train.embeddings import read_extension
+    from cpt_kit.hardware import resolve_precision, use_4bit
+    from cpt_kit.model_source import load_kwargs, resolve_base
+
+    recipe, run_dir, hw = ctx.recipe, ctx.run, ctx.hardware
+    train_ds, eval_ds = load_blocks(run_dir.data, recipe.model.max_seq_length)
+    tokenizer_dir = run_dir.tokenizer
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise DataError(f"{tokenizer_dir} has no tokenizer", where=str(tokenizer_dir),
+                        hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
+    load_in_4bit = use_4bit(recipe, hw)
+    if recipe.model.load_in_4bit and not load_in_4bit:
+        ctx.log(CPU_4BIT_NOTE)
+    precision = resolve_precision(recipe, hw)
+    setup = TrainSetup(recipe=recipe, base=resolve_base(recipe.model), load_kwargs=load_kwargs(recipe.model),
+                       tokenizer_dir=tokenizer_dir, device=hw.device, precision=precision,
+                       load_in_4bit=load_in_4bit, optim=resolve_optim(recipe, hw.device),
+                       output_dir=run_dir.checkpoints,
+                       extension=read_extension(run_dir.data / "tokenizer_extension.json"))
+    checkpoint = resume_checkpoint(run_dir.checkpoints) if ctx.resume else None
+    log_path = run_dir.logs / "train.jsonl"
+    if checkpoint is None:
+        shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
+        log_path.unlink(missing_ok=True)
+    else:
+        ctx.log(f"resuming from {checkpoint.name} (the previous run of this stage was interrupted)")
+    ctx.log(f"backend {backend.name}, precision {precision}, {'4-bit' if load_in_4bit else 'unquantized'} base, "
+            f"optimizer {setup.optim}, {len(train_ds)} train / {len(eval_ds)} held-out blocks")
+
+    model, tokenizer = backend.load_model(setup)
+    base_vocab = _config_vocab(setup)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    t = recipe.train
+    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_length
+    log = TrainLog(log_path, tokens_per_step, hw.device, {id(p) for p in embedding_parameters(model)})
+    trainer = backend.make_trainer(setup, model, tokenizer, train_ds, eval_ds,
+                                   [log, NanGuard(precision), *callbacks])
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final_eval = None
+    if len(eval_ds):
+        last = log.eval_losses[-1] if log.eval_losses else None
+        final_eval = last[1] if last and last[0] == trainer.state.global_step else trainer.evaluate()["eval_loss"]
+    seconds = time.perf_counter() - started
+    bad = first_non_finite_parameter(model)
+    if bad:
+        raise TrainingError(f"trainable weight {bad} is not finite after training; the adapter was not saved",
+                            where="train", hint="lower train.learning_rate, or use --set train.precision=fp32")
+
+    info = save_adapter(run_dir.adapter, model, tokenizer, tokenizer_dir, dict(
+        base=setup.base, base_vocab_size=base_vocab, vocab_size=vocab_size, backend=backend.name,
+        precision=precision, loaded_in_4bit=load_in_4bit,
+        learning_rate=t.learning_rate, embedding_learning_rate=t.embedding_learning_rate,
+        lora=dict(r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, use_rslora=recipe.lora.use_rslora,
+                  target_modules=list(recipe.lora.target_modules), modules_to_save=setup.modules_to_save),
+        tokenizer_extended=bool(setup.extension and setup.extension.get("added")),
+        steps=trainer.state.global_step, final_eval_loss=final_eval))
+    losses = [loss for _, loss in log.losses]
+    steps = trainer.state.global_step
+    metrics = dict(
+        backend=backend.name, precision=precision, loaded_in_4bit=load_in_4bit, steps=steps,
+        resumed_from_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
+        first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
+        final_eval_loss=final_eval, train_tokens=steps * tokens_per_step,
+        tokens_per_second=round(log.steps_this_session * tokens_per_step / log.train_seconds, 1)
+        if log.train_seconds else None,
+        seconds=round(seconds, 2), train_runtime=round(result.metrics.get("train_runtime", 0.0), 2),
+        tied_base=info["tied_base"], embeddings_untied=info["embeddings_untied"],
+        headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend"])
+    return metrics
+
+
+def load_blocks(data_dir: Path, seq_len: int):
+    """data/train and data/heldout as datasets with `input_ids` rows of exactly seq_len ids."""
+    from datasets import load_from_disk
+
+    sets = []
+    for name in ("train", "heldout"):
+        path = Path(data_dir) / name
+        if not path.is_dir():
+            raise DataError(f"{path} does not exist", where=str(path),
+                            hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
+        ds = load_from_disk(str(path))
+        if "input_ids" not in ds.column_names:
+            raise DataError(f"{path} has no input_ids column (columns: {ds.column_names})", where=str(path),
+                            hint="rerun the prepare stage")
+        if len(ds) and len(ds[0]["input_ids"]) != seq_len:
+            raise DataError(f"{path} holds blocks of {len(ds[0]['input_ids'])} tokens, the recipe trains on "
+                            f"{seq_len}", where="model.max_seq_length", hint="rerun the prepare stage")
+        sets.append(ds.select_columns(["input_ids"]))
+    if len(sets[0]) == 0:
+        raise DataError("no training blocks", where=str(data_dir / "train"), hint="add text to data.sources")
+    return sets[0], sets[1]
+
+
+def resume_checkpoint(checkpoints: Path) -> Optional[Path]:
+    """The newest complete checkpoint (it has trainer_state.json), or None."""
+    found = []
+    for path in Path(checkpoints).glob("checkpoint-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
+def save_adapter(adapter_dir: Path, model: Any, tokenizer: Any, tokenizer_dir: Path,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """PEFT adapter + tokenizer (+ tokenizer.model) + cpt_kit_train.json, renamed into place at once."""
+    from cpt_kit.train.embeddings import embeddings_tied
+
+    import torch
+    base_config = model.get_base_model().config
+    tied_base = bool(getattr(base_config, "tie_word_embeddings", False))
+    embed = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    untied = out is not None and not embeddings_tied(model) and (
+        out.weight.shape != embed.shape or not torch.equal(out.weight.detach().cpu(), embed.detach().cpu()))
+    info = dict(info, tied_base=tied_base, embeddings_untied=bool(tied_base and untied))
+    with atomic_path(adapter_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        sp_model = Path(tokenizer_dir) / "tokenizer.model"
+        if sp_model.is_file():
+            shutil.copyfile(sp_model, tmp / "tokenizer.model")
+        atomic_write_json(tmp / "cpt_kit_train.json", info)
+    return info
+
+
+def _config_vocab(setup) -> int:
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(setup.base, **setup.load_kwargs)
+    text = getattr(config, "get_text_config", lambda: config)()
+    return int(text.vocab_size)
+
+
+def read_train_info(adapter_dir: Path) -> dict[str, Any]:
+    """adapter/cpt_kit_train.json (what the evaluate and merge steps need to rebuild the base)."""
+    path = Path(adapter_dir) / "cpt_kit_train.json"
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing", where=str(adapter_dir), hint="run the train stage first")
+    return json.loads(path.read_text(encoding="utf-8"))
