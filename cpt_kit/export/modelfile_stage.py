@@ -1,0 +1,88 @@
+"""The modelfile stage: `ollama/Modelfile` (FROM the chosen GGUF by relative path, TEMPLATE, stops,
+SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollama create` if possible."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cpt_kit.errors import ExportError
+from cpt_kit.rundir import RunDir, atomic_write_text
+
+
+def tokenizer_dir(run: RunDir) -> Path:
+    """merged/ when it has a tokenizer, else data/tokenizer (the tokenizer training used)."""
+    for folder in (run.merged, run.tokenizer):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    raise ExportError(f"no tokenizer in {run.merged} or {run.tokenizer}", where=str(run.root),
+                      hint="run the merge stage first")
+
+
+def eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """eos_token_id of generation_config.json (an int or a list; chat models often list several)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    return tuple(value) if isinstance(value, list) else (value,) if isinstance(value, int) else ()
+
+
+def chosen_quant(recipe) -> str:
+    export = recipe.export
+    return (export.modelfile_quant or (export.quantizations[0] if export.quantizations else export.outtype)).upper()
+
+
+def _number(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
+    """(Modelfile, ChatTemplateInfo) for `recipe`; `from_path` is relative to run.ollama."""
+    from cpt_kit.export.chat_template import inspect_tokenizer
+    from cpt_kit.export.modelfile import Modelfile
+
+    spec = recipe.export.modelfile
+    info = inspect_tokenizer(tokenizer, spec.template, eos_ids(tokenizer_dir(run)))
+    params = [("stop", s) for s in dict.fromkeys([*info.stops, *spec.extra_stops])]
+    for name in ("temperature", "top_p", "top_k", "repeat_penalty"):
+        if getattr(spec, name) is not None:
+            params.append((name, _number(getattr(spec, name))))
+    params.append(("num_ctx", str(spec.num_ctx or recipe.model.max_seq_length)))
+    system = spec.system if spec.system is not None else info.default_system
+    return Modelfile(from_=from_path, template=info.template, system=system or None, parameters=params), info
+
+
+def run(ctx) -> dict:
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export.gguf_stage import gguf_path
+    from cpt_kit.export.modelfile import render
+    from cpt_kit.export.ollama import publish
+
+    recipe, run_dir = ctx.recipe, ctx.run
+    quant = chosen_quant(recipe)
+    gguf = gguf_path(run_dir, recipe.name, quant)
+    if not gguf.is_file():
+        raise ExportError(f"{gguf} does not exist", where="export.modelfile_quant",
+                          hint="run the gguf stage first, or pick a quantization the recipe produces")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir))
+    from_path = Path(os.path.relpath(gguf, run_dir.ollama)).as_posix()  # ../gguf/<name>-<QUANT>.gguf
+    mf, info = build_modelfile(recipe, run_dir, tokenizer, from_path)
+    path = run_dir.ollama / "Modelfile"
+    atomic_write_text(path, render(mf))
+    for note in info.notes:
+        ctx.log(f"note: {note}")
+    ctx.log(f"{path}: FROM {from_path}, template {info.family}, stops {[v for k, v in mf.parameters if k == 'stop']}")
+    metrics = {"modelfile": str(path.relative_to(run_dir.root)), "from": from_path, "quant": quant,
+               "template_family": info.family, "stops": mf.params("stop"),
+               "system_source": "recipe" if recipe.export.modelfile.system is not None
+               else "chat template default" if info.default_system else None,
+               "notes": info.notes, "headline": ["template_family", "quant", "ollama"]}
+    if recipe.export.adapter_modelfile:
+        from cpt_kit.export.adapter_modelfile import write_adapter_modelfile
+        metrics["adapter_modelfile"] = write_adapter_modelfile(ctx, mf)
+    prompt = recipe.eval.prompts[0] if recipe.eval.prompts else "Hello"
+    metrics.update(publish(path, recipe.name.lower(), prompt, ctx.log))
+    return metrics

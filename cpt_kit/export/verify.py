@@ -1,0 +1,185 @@
+"""Checks that the exported GGUFs behave like the trained HF model. Each returns a dict with
+`passed` and the numbers behind it; verify_stage writes them to verify.json.
+
+- tokenizer: HF ids == llama.cpp ids (`Llama(vocab_only=True).tokenize(text, add_bos, special=True)`)
+  on held-out documents, target-language probes and special-token / chat-template texts.
+- perplexity: token-weighted perplexity of the same held-out token blocks for the HF model and
+  every GGUF (llama.cpp evaluates the ids with logits_all); F16 must be within max_f16_ppl_delta.
+- stop (chat models): every end-of-turn token is an end-of-generation (EOG) token in the GGUF
+  vocabulary, and greedy generation from a rendered chat prompt halts exactly when it is produced
+  (forced by a logits processor after a few free tokens, because a tiny or CPT-only model need
+  not emit it by itself); whether the model stops on its own within the bound is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+LANGUAGE_PROBES = (
+    "Ĉu vi ŝatas ĝin? Ĥoro, ĵaŭdo, aŭto: ĈĜĤĴŜŬ ĉĝĥĵŝŭ.",
+    "Eĥoŝanĝo ĉiuĵaŭde; la ŭ en 'aŭ' kaj 'eŭ'.",
+    "café naïve Zürich façade à é î õ ü ñ ß œ — “quotes” ‘single’ …",
+    "Numbers 0123456789, 3.14159, 2026-11-26, 1 000 000 and 42%.",
+    "multiple   spaces,    tabs\tand\t\ttabs",
+    "line one\nline two\n\n\nafter blank lines\n",
+    "   leading and trailing spaces   ",
+    "emoji 🙂 and CJK 漢字 and Cyrillic Привет",
+)
+
+
+def gguf_add_bos(llm) -> bool:
+    import llama_cpp
+    return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+
+
+def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8, max_chars: int = 2000) -> list[str]:
+    """Held-out documents (first `max_chars`), language probes, special tokens and a chat rendering."""
+    texts = [t[:max_chars] for t in list(heldout_texts)[:max_docs] if t.strip()]
+    texts += list(LANGUAGE_PROBES)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if specials:
+        texts.append("start " + " middle ".join(specials) + " end")
+        texts.append("".join(specials) + "Saluton")
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": "Vi estas helpema asistanto."},
+                    {"role": "user", "content": "Kiel vi fartas hodiaŭ?"},
+                    {"role": "assistant", "content": "Bone, dankon! Kaj vi?"},
+                    {"role": "user", "content": "Ankaŭ bone."}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # templates without a system role
+            rendered = tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
+        if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
+            rendered = rendered[len(tokenizer.bos_token):]  # the tokenizer adds BOS itself
+        texts.append(rendered)
+    return texts
+
+
+def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str]) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    add_bos = gguf_add_bos(llm)
+    mismatches = []
+    for text in texts:
+        hf = list(tokenizer(text)["input_ids"])
+        gg = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        if hf != gg:
+            first = next((i for i, (a, b) in enumerate(zip(hf, gg)) if a != b), min(len(hf), len(gg)))
+            mismatches.append({"text": text[:200], "first_difference": first, "hf": hf[first:first + 8],
+                               "gguf": gg[first:first + 8], "hf_len": len(hf), "gguf_len": len(gg)})
+    hf_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    return {"passed": not mismatches and hf_bos == add_bos, "gguf": gguf.name, "texts": len(texts),
+            "mismatched": len(mismatches), "hf_add_bos": hf_bos, "gguf_add_bos": add_bos,
+            "hf_vocab": len(tokenizer), "gguf_vocab": llm.n_vocab(), "examples": mismatches[:5]}
+
+
+def hf_perplexity(model, blocks: list[list[int]], batch_size: int = 4) -> float:
+    """Token-weighted perplexity: exp(sum of next-token NLL / number of predicted tokens)."""
+    try:
+        from cpt_kit.evaluate import perplexity  # the training side's implementation, when present
+        value = perplexity(model, blocks, batch_size)
+        return float(value["perplexity"] if isinstance(value, dict) else value)
+    except ImportError:
+        pass
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[start:start + batch_size])
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                    ids[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int] = None) -> float:
+    """The same perplexity with llama.cpp: eval each block's ids, logits for every position."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    length = max(len(b) for b in blocks)
+    llm = Llama(model_path=str(gguf), n_ctx=length, n_batch=length, n_ubatch=length, logits_all=True,
+                n_threads=n_threads, verbose=False)
+    total, count = 0.0, 0
+    for block in blocks:
+        llm.reset()
+        llm.eval(list(block))
+        logits = np.asarray(llm.scores[: len(block) - 1], dtype=np.float64)
+        peak = logits.max(axis=1, keepdims=True)
+        log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+        targets = np.asarray(block[1:])
+        total += float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+    del llm
+    return math.exp(total / count)
+
+
+def compare_perplexity(hf: float, ggufs: dict[str, float], reference: str, max_delta: float) -> dict:
+    """{"hf", "formats": {name: {"perplexity", "delta"}}, "passed"}; only `reference` (F16) can fail."""
+    formats, warnings = {}, []
+    for name, value in ggufs.items():
+        delta = (value - hf) / hf if math.isfinite(value) and math.isfinite(hf) else float("nan")
+        formats[name] = {"perplexity": value, "delta": delta}
+        if not math.isfinite(value):
+            warnings.append(f"{name} perplexity is {value}")
+    ref = formats.get(reference, {}).get("delta", float("nan"))
+    passed = math.isfinite(hf) and math.isfinite(ref) and abs(ref) <= max_delta
+    order = sorted(formats, key=lambda n: abs(formats[n]["delta"]) if math.isfinite(formats[n]["delta"]) else math.inf)
+    return {"passed": passed, "hf": hf, "reference": reference, "max_delta": max_delta,
+            "formats": formats, "order_by_abs_delta": order, "warnings": warnings}
+
+
+def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_tokens: int = 32,
+               forced_after: int = 3, n_threads: Optional[int] = None) -> dict:
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=n_threads, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    add_bos = gguf_add_bos(llm)
+    prompt = llm.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos, special=True)
+    bos = llm.token_bos()
+    double_bos = len(prompt) >= 2 and prompt[0] == bos and prompt[1] == bos
+    tokens = {}
+    for text in eot_tokens:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        tokens[text] = {"ids": ids, "single_token": len(ids) == 1,
+                        "is_eog": len(ids) == 1 and bool(llama_cpp.llama_vocab_is_eog(vocab, ids[0]))}
+    eot = next((t for t in eot_tokens if tokens[t]["is_eog"]), None)
+    greedy = dict(max_tokens=max_new_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+    natural = llm.create_completion(prompt, **greedy)
+    result = {"gguf": gguf.name, "prompt_tokens": len(prompt), "double_bos": double_bos, "eot_tokens": tokens,
+              "natural": {"finish_reason": natural["choices"][0]["finish_reason"],
+                          "tokens": natural["usage"]["completion_tokens"], "bound": max_new_tokens}}
+    if eot is not None:
+        eot_id = tokens[eot]["ids"][0]
+
+        def force_eot(input_ids, scores):
+            if len(input_ids) - len(prompt) >= forced_after:
+                scores = np.full_like(scores, -np.inf)
+                scores[eot_id] = 0.0
+            return scores
+
+        forced = llm.create_completion(prompt, logits_processor=llama_cpp.LogitsProcessorList([force_eot]), **greedy)
+        choice = forced["choices"][0]
+        result["forced"] = {"token": eot, "after": forced_after, "finish_reason": choice["finish_reason"],
+                            "tokens": forced["usage"]["completion_tokens"], "eot_text_in_output": eot in choice["text"]}
+    forced_ok = "forced" in result and result["forced"]["finish_reason"] == "stop" \
+        and result["forced"]["tokens"] <= forced_after and not result["forced"]["eot_text_in_output"]
+    result["passed"] = bool(forced_ok and all(t["is_eog"] for t in tokens.values() if t["single_token"])
+                            and not double_bos)
+    del llm
+    return result
+
+
+def summarize(checks: dict[str, dict]) -> dict[str, Any]:
+    failed = [name for name, c in checks.items() if not c.get("passed", False)]
+    return {"passed": not failed, "failed": failed}

@@ -1,0 +1,113 @@
+"""The verify stage: tokenizer ids, perplexity per format and stop behaviour of the exported GGUFs
+against the HF merged model -> verify.json. Any failed check raises VerificationError (after
+verify.json is written), so the run is marked failed with the reason."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from cpt_kit.errors import VerificationError
+from cpt_kit.rundir import atomic_write_json
+
+MAX_BLOCKS = 32
+"""At most this many held-out blocks (also bounded by eval.max_blocks): llama.cpp evaluates each per format."""
+
+
+def heldout_blocks(run, limit: int | None) -> list[list[int]]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(run.data / "heldout"))
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [list(map(int, row)) for row in dataset.select(range(n))["input_ids"]]
+
+
+def heldout_texts(run, limit: int = 8) -> list[str]:
+    path = run.data / "heldout_texts.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines[:limit] if line.strip()]
+
+
+def run(ctx) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_kit.export import verify
+    from cpt_kit.export.chat_template import end_of_turn_tokens, jinja_text
+    from cpt_kit.export.gguf_stage import gguf_files
+    from cpt_kit.export.modelfile_stage import chosen_quant, eos_ids, tokenizer_dir
+
+    recipe, run_dir = ctx.recipe, ctx.run
+    files = gguf_files(run_dir, recipe)
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise VerificationError(f"GGUF files missing: {', '.join(missing)}", where=str(run_dir.root),
+                                hint="run the gguf stage first")
+    reference = recipe.export.outtype.upper()
+    tok_dir = tokenizer_dir(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    threads = max(1, torch.get_num_threads())
+    checks: dict[str, dict] = {}
+
+    texts = verify.probe_texts(tokenizer, heldout_texts(run_dir))
+    checks["tokenizer"] = verify.check_tokenizer(tokenizer, files[reference], texts)
+    ctx.log(f"tokenizer: {checks['tokenizer']['texts'] - checks['tokenizer']['mismatched']}/"
+            f"{checks['tokenizer']['texts']} probe texts give identical ids")
+
+    limit = min(MAX_BLOCKS, recipe.eval.max_blocks or MAX_BLOCKS)
+    blocks = heldout_blocks(run_dir, limit)
+    model = AutoModelForCausalLM.from_pretrained(run_dir.merged, dtype=torch.float32)
+    hf = verify.hf_perplexity(model, blocks)
+    del model
+    ggufs = {name: verify.gguf_perplexity(path, blocks, threads) for name, path in files.items()}
+    checks["perplexity"] = verify.compare_perplexity(hf, ggufs, reference, recipe.export.max_f16_ppl_delta)
+    checks["perplexity"]["blocks"] = len(blocks)
+    checks["perplexity"]["block_length"] = len(blocks[0]) if blocks else 0
+    ctx.log("perplexity: HF {:.4g}; ".format(hf) + ", ".join(
+        f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%})" for n, f in checks["perplexity"]["formats"].items()))
+
+    if jinja_text(tokenizer):
+        stops = end_of_turn_tokens(tokenizer, jinja_text(tokenizer), eos_ids(tok_dir))
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Saluton! Kiel vi fartas?"}],
+                                               tokenize=False, add_generation_prompt=True)
+        if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+            prompt = prompt[len(tokenizer.bos_token):]
+        checks["stop"] = verify.check_stop(files.get(chosen_quant(recipe), files[reference]), prompt,
+                                           [s for s in stops if s in tokenizer.all_special_tokens],
+                                           n_threads=threads)
+
+    summary = verify.summarize(checks)
+    warnings = checks["perplexity"].pop("warnings")
+    if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop":
+        warnings.append(f"greedy generation did not end its turn by itself within "
+                        f"{checks['stop']['natural']['bound']} tokens (expected for an untrained chat model)")
+    report = {**summary, "warnings": warnings, "checks": checks}
+    atomic_write_json(run_dir.verify, report)
+    for warning in warnings:
+        ctx.log(f"warning: {warning}")
+    if not summary["passed"]:
+        reasons = []
+        for name in summary["failed"]:
+            c = checks[name]
+            if name == "tokenizer":
+                reasons.append(f"tokenizer: {c['mismatched']} of {c['texts']} probe texts tokenize differently "
+                               f"(add_bos HF {c['hf_add_bos']} / GGUF {c['gguf_add_bos']})")
+            elif name == "perplexity":
+                d = c["formats"][reference]["delta"]
+                reasons.append(f"perplexity: {reference} differs from HF by {d:+.3%} "
+                               f"(limit {c['max_delta']:.3%})" if math.isfinite(d) else "perplexity: not finite")
+            else:
+                reasons.append(f"stop: end-of-turn handling failed ({json.dumps(c.get('forced'))})")
+        raise VerificationError("; ".join(reasons), where=str(run_dir.verify),
+                                hint="see verify.json; re-run the gguf stage from the merged model")
+    formats = checks["perplexity"]["formats"]
+    metrics = {"passed": True, "tokenizer_texts": checks["tokenizer"]["texts"], "ppl_hf": round(hf, 4),
+               **{f"ppl_{n}": round(f["perplexity"], 4) for n, f in formats.items()},
+               **{f"ppl_delta_{n}": round(f["delta"], 5) for n, f in formats.items()},
+               "warnings": warnings, "headline": ["passed", "ppl_hf", f"ppl_{reference}"]}
+    if "stop" in checks:
+        metrics["stop_natural"] = checks["stop"]["natural"]["finish_reason"]
+    return metrics
