@@ -32,6 +32,7 @@ INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 _LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?(\.weight)?$")
+_ORIGINAL_RE = re.compile(r"^(?P<module>.+)\.original_module\.(?P<param>weight|bias)$")
 _FULL_RE = re.compile(r"^(?P<module>.+?)(\.modules_to_save(\.[^.]+)?)?\.(?P<param>weight|bias)$")
 
 
@@ -44,7 +45,9 @@ class Adapter:
     lora: dict[str, dict[str, str]] = field(default_factory=dict)
     """base module name -> {"A": adapter key, "B": adapter key, "embedding": "1" if an Embedding}"""
     full: dict[str, str] = field(default_factory=dict)
-    """base tensor name (e.g. model.embed_tokens.weight) -> adapter key"""
+    """base tensor name (e.g. model.embed_tokens.weight) -> adapter key of the trained full module"""
+    original: dict[str, str] = field(default_factory=dict)
+    """base tensor name -> adapter key of the base weight after a vocabulary resize (`original_module`)"""
     _handle: object = None
 
     def tensor(self, key: str):
@@ -110,6 +113,10 @@ def load_adapter(adapter_dir: Path) -> Adapter:
             slot[kind[-1]] = key
             if kind.startswith("lora_embedding"):
                 slot["embedding"] = "1"
+            continue
+        match = _ORIGINAL_RE.match(name)
+        if match:
+            adapter.original[f"{match['module']}.{match['param']}"] = key
             continue
         match = _FULL_RE.match(name)
         if not match:
@@ -206,7 +213,12 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
         tensors = {}
         with safe_open(str(base_dir / shard), framework="pt") as handle:
             for name in names:
-                base = handle.get_tensor(name)
+                if name in adapter.original:  # the base after resize_token_embeddings, saved by PEFT
+                    used.add(name)
+                    base = adapter.tensor(adapter.original[name])
+                    base = base.to(_dtype(handle, name))
+                else:
+                    base = handle.get_tensor(name)
                 merged = _apply(adapter, name, base, used)
                 if tied_base and name == embed_key:
                     head = _tied_head(adapter, base, merged, used)
@@ -225,7 +237,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
         new_map.update({name: shard for name in tensors})
         log(f"merged {shard} ({len(tensors)} tensors)")
         del tensors
-    unused = (set(adapter.full) | set(adapter.lora)) - used
+    unused = (set(adapter.full) | set(adapter.lora) | set(adapter.original)) - used
     if unused:
         raise ExportError(f"adapter weights not found in the base: {', '.join(sorted(unused)[:5])}", where=str(adapter_dir),
                           hint="the adapter was trained on another base model")
@@ -250,6 +262,11 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
             "scaling": "rslora" if adapter.config.get("use_rslora") else "alpha/r",
             "tied_base": tied_base, "tied_merged": tied_out, "untied": tied_base and not tied_out, "untie_reason": untie_reason,
             "base_vocab_size": base_vocab, "vocab_size": vocab, "tokenizer_files": copied}
+
+
+def _dtype(handle, name: str):
+    import torch
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(handle.get_slice(name).get_dtype(), torch.float32)
 
 
 def _tied_head(adapter: Adapter, base_embed, merged_embed, used: set):
