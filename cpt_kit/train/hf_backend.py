@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cpt_kit.train.backend import BlockCollator, TrainSetup, embedding_param_groups, trainer_arguments
-from cpt_kit.train.embeddings import embeddings_tied, extend_vocabulary
+from cpt_kit.train.embeddings import extend_vocabulary
 
 
 class HFBackend:
@@ -40,12 +40,12 @@ class HFBackend:
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        tied = embeddings_tied(model)
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_rslora=lora.use_rslora,
             target_modules=list(lora.target_modules), modules_to_save=setup.modules_to_save or None,
-            # Like Unsloth: a tied pair stays tied (one trained matrix serves as both), see stage.py.
-            ensure_weight_tying=tied and bool(setup.modules_to_save),
+            # Like Unsloth 2026.10.9: on a tied model embed_tokens and lm_head become two trained copies
+            # (untied); adapter/cpt_kit_train.json records tied_base / embeddings_untied for the merge.
+            ensure_weight_tying=False,
             bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
         return model, tokenizer
