@@ -1,0 +1,88 @@
+"""Cleaning, deduplication and the held-out split (pure functions, no tokenizer)."""
+
+from __future__ import annotations
+
+import random
+
+from cpt_kit.data.clean import clean_text, length_reason
+from cpt_kit.data.dedup import ExactDeduper, NearDeduper, shingles
+from cpt_kit.data.split import grow_to_tokens, heldout_indices, split_position
+
+
+def test_nfc_composes_characters():
+    decomposed = "Mia kafe\u0301jo"  # e + combining acute
+    assert clean_text(decomposed) == "Mia kaf\u00e9jo"
+    assert clean_text("c\u0302u") == "\u0109u"  # Esperanto ĉ
+
+
+def test_control_characters_removed_newline_and_tab_kept():
+    text = "a\x00b\x07c\x1bd\x7fe\x85f\tg\nh"
+    assert clean_text(text) == "abcdef\tg\nh"
+
+
+def test_format_characters_kept():
+    assert clean_text("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645") == "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+
+
+def test_whitespace_normalised():
+    text = "  First   line  \r\nsecond\tline\t\r\n\r\n\r\n\n\n   Third    paragraph.   \n\n"
+    assert clean_text(text) == "First line\nsecond\tline\n\nThird paragraph."
+
+
+def test_length_reasons():
+    assert length_reason("", 5, None) == "empty"
+    assert length_reason("abc", 5, None) == "too_short"
+    assert length_reason("abcdefgh", 5, 6) == "too_long"
+    assert length_reason("abcdef", 5, 6) is None
+
+
+def test_exact_dedup():
+    dedup = ExactDeduper()
+    assert not dedup.is_duplicate("La kato dormas.")
+    assert dedup.is_duplicate("La kato dormas.")
+    assert not dedup.is_duplicate("La hundo dormas.")
+
+
+def _words(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    vocab = [f"vorto{i}" for i in range(400)]
+    return [rng.choice(vocab) for _ in range(n)]
+
+
+def test_near_dedup_catches_small_edit_not_different_text():
+    words = _words(300, 1)
+    near = NearDeduper(threshold=0.8)
+    assert not near.is_duplicate(0, " ".join(words))
+    edited = list(words)
+    edited[150] = "alia"
+    assert near.is_duplicate(1, " ".join(edited))
+    assert not near.is_duplicate(2, " ".join(_words(300, 2)))
+
+
+def test_short_documents_use_character_shingles():
+    assert all(len(s) == 5 for s in shingles("La kato dormas bone."))
+    assert all(len(s.split()) == 5 for s in shingles(" ".join(_words(40, 3))))
+    near = NearDeduper(threshold=0.7)
+    assert not near.is_duplicate(0, "La granda kato dormas sur la tapi\u0109o.")
+    assert near.is_duplicate(1, "La granda kato dormas sur la tapi\u0109o!")
+
+
+def test_split_is_deterministic_by_content_and_order_free():
+    texts = [f"dokumento {i} " + " ".join(_words(20, i)) for i in range(400)]
+    held = heldout_indices(texts, 0.1, seed=0)
+    assert 20 <= len(held) <= 60
+    assert held == heldout_indices(texts, 0.1, seed=0)
+    shuffled = list(reversed(texts))
+    held_shuffled = {shuffled[i] for i in heldout_indices(shuffled, 0.1, seed=0)}
+    assert held_shuffled == {texts[i] for i in held}
+    assert {texts[i] for i in heldout_indices(texts, 0.1, seed=1)} != {texts[i] for i in held}
+
+
+def test_split_holds_out_at_least_one_and_grows_to_a_block():
+    texts = [f"teksto {i}" for i in range(10)]
+    held = heldout_indices(texts, 0.001, seed=0)
+    assert len(held) == 1
+    assert held[0] == min(range(10), key=lambda i: split_position(texts[i], 0))
+    grown = grow_to_tokens(texts, held, [30] * 10, need_tokens=64, seed=0)
+    assert len(grown) == 3 and set(held) <= set(grown)
+    assert len(grow_to_tokens(texts, held, [1] * 10, need_tokens=1000, seed=0)) == 5  # at most half
