@@ -82,6 +82,13 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
+def preload(name: str) -> None:
+    """Import unsloth now if `name` resolves to it: call this before anything imports transformers
+    (e.g. first thing in `cpt-kit run`), so Unsloth's patches apply to the whole process."""
+    if resolve_backend_name(name) == "unsloth":
+        import unsloth  # noqa: F401
+
+
 def get_backend(name: str) -> Backend:
     name = resolve_backend_name(name)
     if name == "unsloth":

@@ -22,8 +22,12 @@ CPU_4BIT_NOTE = ("no GPU: loading the base in 16/32-bit instead of 4-bit (4-bit 
                  "embeddings fails on CPU, and saves nothing that matters there)")
 
 
+EXTRA_CALLBACKS: list[Any] = []
+"""TrainerCallbacks added to every run of the stage (a seam for tests and benchmarks)."""
+
+
 def run(ctx) -> dict[str, Any]:
-    return train(ctx)
+    return train(ctx, EXTRA_CALLBACKS)
 
 
 def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
