@@ -20,7 +20,7 @@ FAMILY_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     ("chatml", ("<|im_start|>", "<|im_end|>")),
     ("gemma", ("<start_of_turn>", "<end_of_turn>")),
-    ("phi3", ("<|user|>", "<|assistant|>", "<|end|>")),
+    ("phi3", ("<|assistant|>", "<|end|>")),
     ("mistral", ("[INST]", "[/INST]")),
 )
 # Token strings that end a turn in the families above (used only when the tokenizer knows them).
@@ -53,15 +53,12 @@ def jinja_text(tokenizer: Any) -> Optional[str]:
     return template or None
 
 
-def detect_family(template_text: Optional[str], special_tokens: set[str] = frozenset()) -> str:
-    """The family whose markers all appear in the Jinja text (or, for markers, among the special tokens)."""
+def detect_family(template_text: Optional[str]) -> str:
+    """The family whose markers all appear in the Jinja text."""
     if not template_text:
         return "completion"
     for family, markers in FAMILY_MARKERS:
         if all(m in template_text for m in markers):
-            return family
-    for family, markers in FAMILY_MARKERS:  # templates that build markers from variables
-        if markers[0].startswith("<") and all(m in special_tokens for m in markers):
             return family
     raise ExportError(
         "the tokenizer's chat template matches none of the known families "
@@ -77,6 +74,12 @@ def load_template(family: str) -> str:
     except (FileNotFoundError, ModuleNotFoundError):
         text = (Path(__file__).resolve().parents[2] / "modelfiles" / f"{family}.tmpl").read_text(encoding="utf-8")
     return text.rstrip("\n")
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenizer(text) puts BOS first (transformers 5 no longer exposes add_bos_token reliably)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def special_tokens(tokenizer: Any) -> set[str]:
@@ -132,7 +135,7 @@ def inspect_tokenizer(tokenizer: Any, choice: str = "auto", eos_ids: tuple[int, 
     text = jinja_text(tokenizer)
     notes: list[str] = []
     if choice == "auto":
-        family = detect_family(text, special_tokens(tokenizer))
+        family = detect_family(text)
     elif choice == "none":
         family = "completion"
     elif choice in FAMILIES:
@@ -153,11 +156,11 @@ def inspect_tokenizer(tokenizer: Any, choice: str = "auto", eos_ids: tuple[int, 
     if text:
         probe = render(tokenizer, [{"role": "user", "content": "Saluton!"}])
         bos_in_template = bool(tokenizer.bos_token) and probe.startswith(tokenizer.bos_token)
-        adds_bos = bool(getattr(tokenizer, "add_bos_token", False))
-        if bos_in_template and not adds_bos:
+        bos_added = adds_bos(tokenizer)
+        if bos_in_template and not bos_added:
             notes.append("the chat template writes bos_token but the tokenizer does not add BOS: "
                          "Ollama's prompt will have no BOS")
-        if adds_bos and not bos_in_template and tokenizer.bos_token:
+        if bos_added and not bos_in_template and tokenizer.bos_token:
             notes.append("the tokenizer adds BOS but its chat template does not write it: llama.cpp/Ollama "
                          "put BOS before chat prompts, apply_chat_template(tokenize=True) does not")
     return ChatTemplateInfo(family, template, stops, default_system_prompt(tokenizer) if text else None,

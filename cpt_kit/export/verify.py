@@ -70,7 +70,8 @@ def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str]) -> dict:
             first = next((i for i, (a, b) in enumerate(zip(hf, gg)) if a != b), min(len(hf), len(gg)))
             mismatches.append({"text": text[:200], "first_difference": first, "hf": hf[first:first + 8],
                                "gguf": gg[first:first + 8], "hf_len": len(hf), "gguf_len": len(gg)})
-    hf_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    from cpt_kit.export.chat_template import adds_bos
+    hf_bos = adds_bos(tokenizer)
     return {"passed": not mismatches and hf_bos == add_bos, "gguf": gguf.name, "texts": len(texts),
             "mismatched": len(mismatches), "hf_add_bos": hf_bos, "gguf_add_bos": add_bos,
             "hf_vocab": len(tokenizer), "gguf_vocab": llm.n_vocab(), "examples": mismatches[:5]}
