@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_CONTROL = {c: None for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]+")
 _SPACES = re.compile(r" {2,}")
 _LINE_EDGES = re.compile(r"[ \t]*\n[ \t]*")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -25,7 +25,8 @@ def clean_text(text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    text = text.translate(_CONTROL)
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
     if "  " in text:
         text = _SPACES.sub(" ", text)
     text = _LINE_EDGES.sub("\n", text)

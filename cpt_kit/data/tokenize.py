@@ -52,11 +52,23 @@ def special_ids(tokenizer) -> tuple[Optional[int], int]:
     return (bos if adds_bos else None), tokenizer.eos_token_id
 
 
-def _encode_batch(batch: dict, tokenizer, bos: Optional[int], eos: int) -> dict:
-    texts = batch["text"]
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    head = [bos] if bos is not None else []
-    return {"input_ids": [head + ids + [eos] for ids in encoded], "words": [len(t.split()) for t in texts]}
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens; straight through the Rust tokenizer when there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def _encode_batch(batch, tokenizer, bos: Optional[int], eos: int):
+    import pyarrow as pa
+
+    texts = batch.column("text").to_pylist()
+    head, tail = ([bos] if bos is not None else []), [eos]
+    ids = [head + x + tail for x in encode_texts(tokenizer, texts)]
+    return pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                     "words": pa.array([len(t.split()) for t in texts], type=pa.int64())})
 
 
 def tokenize_documents(texts: list[str], tokenizer, num_proc: int,
@@ -76,7 +88,7 @@ def tokenize_documents(texts: list[str], tokenizer, num_proc: int,
     id_chunks, word_chunks = [], []
     try:
         for start in range(0, max(1, len(texts)), step):
-            part = datasets.Dataset.from_dict({"text": texts[start:start + step]})
+            part = datasets.Dataset.from_dict({"text": texts[start:start + step]}).with_format("arrow")
             part = part.map(_encode_batch, batched=True, batch_size=BATCH_SIZE,
                             num_proc=procs if len(part) >= 2 * BATCH_SIZE else None,
                             remove_columns=["text"], fn_kwargs={"tokenizer": tokenizer, "bos": bos, "eos": eos},
