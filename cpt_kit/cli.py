@@ -109,5 +109,46 @@ def show(recipe, overrides, docs):
     _console().print(tree)
 
 
+EXPORT_STAGES = click.Choice(["merge", "gguf", "modelfile", "verify"])
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="A plain PEFT adapter directory (instead of RUN_DIR).")
+@click.option("--base", help="Base model of --adapter: hub id or local directory (default: the adapter's base_model_name_or_path).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory for --adapter (default runs/<name>).")
+@click.option("--name", help="Name of the exported model (with --adapter; default: the adapter directory's name).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. export.quantizations=Q8_0.")
+@click.option("--until", type=EXPORT_STAGES, help="Stop after this stage.")
+@click.option("--force", is_flag=True, help="Redo finished export stages.")
+def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
+    """Merge -> GGUF -> Modelfile -> verify for an existing RUN_DIR, or for --adapter DIR --base BASE."""
+    from cpt_kit.export.from_adapter import prepare_adapter_run, recipe_for_adapter, recipe_of_run
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.pipeline import default_run_dir, run_pipeline
+    from cpt_kit.rundir import RunDir
+    from cpt_kit.summary import print_summary
+
+    if bool(run_dir) == bool(adapter):
+        raise click.UsageError("give either RUN_DIR or --adapter DIR (with --base)")
+    if run_dir and (base or output_dir or name):
+        raise click.UsageError("--base, --output-dir and --name go with --adapter")
+    console = _console()
+    if run_dir:
+        run = RunDir(Path(run_dir))
+        resolved = recipe_of_run(run.root, overrides)
+    else:
+        resolved = recipe_for_adapter(Path(adapter), base, name or Path(adapter).resolve().name, overrides)
+        run = default_run_dir(resolved, output_dir)
+        prepare_adapter_run(Path(adapter), resolved, run)
+    try:
+        manifest = run_pipeline(resolved, run, console, until=until, force=force, start="merge")
+    except CptKitError:
+        if run.manifest.exists():
+            print_summary(console, run, Manifest.load(run.manifest))
+        raise
+    print_summary(console, run, manifest)
+
+
 if __name__ == "__main__":
     main()

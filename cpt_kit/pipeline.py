@@ -90,12 +90,14 @@ def stage_fingerprints(ctx_factory: Callable[[], StageContext], stages: tuple[St
     return fps
 
 
-def select(until: str | None, only: str | None) -> tuple[Stage, ...]:
+def select(until: str | None, only: str | None, start: str | None = None) -> tuple[Stage, ...]:
+    """The stages to run: just `only`, or from `start` (default the first) through `until` (default the last)."""
     names = [s.name for s in STAGE_TABLE]
     if only:
         return (STAGE_TABLE[names.index(only)],)
+    begin = names.index(start) if start else 0
     end = names.index(until) + 1 if until else len(names)
-    return STAGE_TABLE[:end]
+    return STAGE_TABLE[begin:end]
 
 
 @dataclass
@@ -107,10 +109,11 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, run: RunDir, manifest: Manifest, console: Any,
-              until: str | None = None, only: str | None = None, force: bool = False) -> Plan:
+              until: str | None = None, only: str | None = None, force: bool = False,
+              start: str | None = None) -> Plan:
     fps = stage_fingerprints(lambda: StageContext(recipe, run, manifest, console), STAGE_TABLE)
     steps, conflicts = [], []
-    for stage in select(until, only):
+    for stage in select(until, only, start):
         fp = fps[stage.name]
         entry = manifest.stage(stage.name)
         if manifest.is_done(stage.name, fp) and not (force and only):
@@ -156,10 +159,11 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None = None,
-                 only: str | None = None, force: bool = False, notes: list[str] | None = None) -> Manifest:
-    """Execute the planned stages; returns the manifest (also on disk)."""
+                 only: str | None = None, force: bool = False, notes: list[str] | None = None,
+                 start: str | None = None) -> Manifest:
+    """Execute the planned stages (from `start`, e.g. "merge" for `cpt-kit export`); returns the manifest."""
     manifest = Manifest.load(run.manifest)
-    plan = make_plan(recipe, run, manifest, console, until, only, force)
+    plan = make_plan(recipe, run, manifest, console, until, only, force, start)
     check_run_dir(recipe, run, manifest, plan, force)
     run.root.mkdir(parents=True, exist_ok=True)
     manifest.data.update(recipe=recipe.to_dict(), versions=library_versions())
