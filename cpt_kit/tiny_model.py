@@ -135,7 +135,7 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int =
     return losses
 
 
-DEMO_BASE = {"vocab_size": 1000, "pretrain_steps": 150, "seq_len": 128, "batch_size": 8, "learning_rate": 3e-3}
+DEMO_BASE = {"vocab_size": 1000, "pretrain_steps": 80, "seq_len": 128, "batch_size": 8, "learning_rate": 3e-3}
 
 
 def cache_dir() -> Path:
