@@ -171,3 +171,19 @@ def test_input_fingerprint_hashes_content(tiny_recipe, tmp_path):
     target = sorted(p for p in __import__("pathlib").Path(path).iterdir())[0]
     target.write_text(target.read_text(encoding="utf-8") + " Plia.", encoding="utf-8")
     assert prepare.input_fingerprint(ctx) != first
+
+
+def test_parallel_tokenization_matches_single_process(tiny_base, target_texts, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cpt_kit.data import tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    texts = [f"{i} " + target_texts[i % len(target_texts)][: 40 + i % 50] for i in range(2500)]
+    single = tokenize.tokenize_documents(texts, tok, num_proc=1)
+    monkeypatch.setattr(tokenize, "PARALLEL_MIN_CHARS", 0)
+    seen = []
+    parallel = tokenize.tokenize_documents(texts, tok, num_proc=2, advance=seen.append)
+    assert parallel.ids.to_pylist() == single.ids.to_pylist()
+    assert parallel.words.tolist() == single.words.tolist() and sum(seen) == 2500
+    assert all(ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1 for ids in single.ids.to_pylist())

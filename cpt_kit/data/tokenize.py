@@ -82,7 +82,7 @@ def tokenize_documents(texts: list[str], tokenizer, num_proc: int,
     total_chars = sum(map(len, texts))
     procs = num_proc if total_chars >= PARALLEL_MIN_CHARS else 1
     slices = CHUNKS if advance is not None and total_chars >= PARALLEL_MIN_CHARS else 1
-    step = max(BATCH_SIZE, -(-len(texts) // slices))
+    step = max(BATCH_SIZE * (2 * procs if procs > 1 else 1), -(-len(texts) // slices))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     id_chunks, word_chunks = [], []
