@@ -1,6 +1,6 @@
 """Merge a PEFT LoRA adapter onto the ORIGINAL 16-bit base weights, one safetensors shard at a time.
 
-Peak memory is about one base shard plus the adapter: each shard is read with `safe_open`, every
+Peak memory is about one tensor plus the adapter: each shard is read tensor by tensor, every
 LoRA target in it gets `W + B @ A * scaling` (computed in fp32, written in the tensor's own
 dtype), full modules the adapter saved (embed_tokens, lm_head: `modules_to_save`) replace the
 base ones, and the shard is written under a temporary name and renamed. Scaling is
@@ -50,11 +50,18 @@ class Adapter:
     """base tensor name -> adapter key of the base weight after a vocabulary resize (`original_module`)"""
     _handle: object = None
 
-    def tensor(self, key: str):
+    def _open(self):
         if self._handle is None:
             from safetensors import safe_open
             self._handle = safe_open(str(self.path / "adapter_model.safetensors"), framework="pt")
-        return self._handle.get_tensor(key)
+        return self._handle
+
+    def tensor(self, key: str):
+        return self._open().get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle = self._open()
+        return tuple(handle.get_slice(key).get_shape() if hasattr(handle, "get_slice") else handle.get_tensor(key).shape)
 
     def scaling(self, module: str) -> float:
         r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
@@ -149,43 +156,83 @@ def base_files(base_dir: Path) -> tuple[dict[str, str], Optional[dict]]:
         return {k: "model.safetensors" for k in handle.keys()}, None
 
 
-def _lora_delta(adapter: Adapter, module: str):
+def _add_lora(adapter: Adapter, module: str, out) -> None:
+    """out += B @ A * scaling, in place (out is fp32)."""
     import torch
 
     slot = adapter.lora[module]
     a = adapter.tensor(slot["A"]).to(torch.float32)
     b = adapter.tensor(slot["B"]).to(torch.float32)
-    delta = (b @ a) * adapter.scaling(module)
-    if slot.get("embedding") or adapter.config.get("fan_in_fan_out"):
-        delta = delta.T
-    return delta
+    transposed = bool(slot.get("embedding") or adapter.config.get("fan_in_fan_out"))
+    shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+    if tuple(out.shape) != shape:
+        raise ExportError(f"LoRA delta of {module} has shape {shape}, base weight {tuple(out.shape)}",
+                          where=str(adapter.path), hint="the adapter was trained on another base model")
+    if transposed:
+        out.add_((b @ a).T, alpha=adapter.scaling(module))
+    else:
+        out.addmm_(b, a, alpha=adapter.scaling(module))
 
 
-def _apply(adapter: Adapter, name: str, weight, used: set):
-    """The merged value of base tensor `name` (a torch tensor), in fp32."""
+class _Base:
+    """Base tensors of one shard: the adapter's resized copy (PEFT `original_module`) where it saved one."""
+
+    def __init__(self, adapter: Adapter, handle):
+        self.adapter, self.handle = adapter, handle
+
+    def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
+        dtype, shape = self.handle.meta(name)
+        for table in (self.adapter.full, self.adapter.original):
+            if name in table:
+                shape = self.adapter.shape(table[name])
+                break
+        return dtype, shape
+
+    def get(self, name: str):
+        if name in self.adapter.original:
+            return self.adapter.tensor(self.adapter.original[name])
+        return self.handle.get_tensor(name)
+
+
+def _merged(adapter: Adapter, base: _Base, name: str):
+    """The merged value of base tensor `name`: unchanged, replaced by a full module, or W + LoRA delta (fp32)."""
     import torch
 
     if name in adapter.full:
-        used.add(name)
-        return adapter.tensor(adapter.full[name]).to(torch.float32)
+        return adapter.tensor(adapter.full[name])
     module = name[: -len(".weight")] if name.endswith(".weight") else None
-    out = weight.to(torch.float32)
-    if module in adapter.lora:
-        used.add(module)
-        delta = _lora_delta(adapter, module)
-        if delta.shape != out.shape:
-            raise ExportError(f"LoRA delta of {module} has shape {tuple(delta.shape)}, base weight {tuple(out.shape)}",
-                              where=str(adapter.path), hint="the adapter was trained on another base model")
-        out = out + delta
+    if module not in adapter.lora:
+        return base.get(name)
+    out = base.get(name).to(torch.float32)
+    _add_lora(adapter, module, out)
     return out
+
+
+def _tied_head(adapter: Adapter, base: _Base, embed_key: str):
+    """For a tied base: a function giving the output head, or None when it stays tied to the merged embedding."""
+    import torch
+
+    if "lm_head.weight" in adapter.full:
+        def head():
+            return adapter.tensor(adapter.full["lm_head.weight"])
+    elif "lm_head" in adapter.lora:
+        def head():
+            out = base.get(embed_key).to(torch.float32)
+            _add_lora(adapter, "lm_head", out)
+            return out
+    elif adapter.config.get("ensure_weight_tying") or not _embedding_changed(adapter):
+        return None
+    else:  # PEFT kept the original (tied) weight as lm_head while embed_tokens was trained
+        def head():
+            return base.get(embed_key)
+    same = torch.equal(head().to(torch.float32), _merged(adapter, base, embed_key).to(torch.float32))
+    return None if same else head
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer_dir: Optional[Path] = None,
                   log: Callable[[str], None] = lambda message: None) -> dict:
     """Write base + adapter as a complete model directory into `out_dir` (which must be a fresh path)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from cpt_kit.export.safetensors_io import Entry, Reader, write_safetensors
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     adapter = load_adapter(adapter_dir)
@@ -194,53 +241,40 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
     embed_key = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight") if k in weight_map), None)
     head_key = "lm_head.weight"
     tied_base = head_key not in weight_map and embed_key is not None
-    for module in adapter.lora:
-        if f"{module}.weight" not in weight_map and not (tied_base and f"{module}.weight" == head_key):
-            raise ExportError(f"the adapter targets {module}, which the base has no weight for", where=str(adapter_dir),
-                              hint="the adapter was trained on another base model")
+    known = set(weight_map) | ({head_key} if tied_base else set())
+    unknown = [m for m in adapter.lora if f"{m}.weight" not in known] + \
+              [n for n in (*adapter.full, *adapter.original) if n not in known]
+    if unknown:
+        raise ExportError(f"adapter weights not found in the base: {', '.join(sorted(unknown)[:5])}", where=str(adapter_dir),
+                          hint="the adapter was trained on another base model")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
-    used: set = set()
     new_map: dict[str, str] = {}
-    total = 0
-    largest = 0
+    total = largest = 0
     tied_out = tied_base
     vocab = None
     for shard, names in shards.items():
         largest = max(largest, (base_dir / shard).stat().st_size)
-        tensors = {}
-        with safe_open(str(base_dir / shard), framework="pt") as handle:
+        with Reader(base_dir / shard) as handle:
+            base = _Base(adapter, handle)
+            entries = []
             for name in names:
-                if name in adapter.original:  # the base after resize_token_embeddings, saved by PEFT
-                    used.add(name)
-                    base = adapter.tensor(adapter.original[name])
-                    base = base.to(_dtype(handle, name))
-                else:
-                    base = handle.get_tensor(name)
-                merged = _apply(adapter, name, base, used)
-                if tied_base and name == embed_key:
-                    head = _tied_head(adapter, base, merged, used)
-                    tied_out = head is None
-                    if head is not None:
-                        tensors[head_key] = head.to(base.dtype).contiguous()
-                        new_map[head_key] = shard
+                dtype, shape = base.meta(name)
+                entries.append(Entry(name, dtype, shape, lambda name=name: _merged(adapter, base, name)))
                 if name == embed_key:
-                    vocab = merged.shape[0]
-                tensors[name] = merged.to(base.dtype).contiguous()
-                del base, merged
-        tmp = out_dir / f".{shard}.partial"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+                    vocab = shape[0]
+                    head = _tied_head(adapter, base, embed_key) if tied_base else None
+                    if head is not None:
+                        tied_out = False
+                        head_shape = adapter.shape(adapter.full[head_key]) if head_key in adapter.full else shape
+                        entries.append(Entry(head_key, dtype, head_shape, head))
+            tmp = out_dir / f".{shard}.partial"
+            total += write_safetensors(tmp, entries)
         os.replace(tmp, out_dir / shard)
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        new_map.update({name: shard for name in tensors})
-        log(f"merged {shard} ({len(tensors)} tensors)")
-        del tensors
-    unused = (set(adapter.full) | set(adapter.lora) | set(adapter.original)) - used
-    if unused:
-        raise ExportError(f"adapter weights not found in the base: {', '.join(sorted(unused)[:5])}", where=str(adapter_dir),
-                          hint="the adapter was trained on another base model")
+        new_map.update({entry.name: shard for entry in entries})
+        log(f"merged {shard} ({len(entries)} tensors)")
     if index is not None:
         index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total},
                  "weight_map": dict(sorted(new_map.items()))}
@@ -262,28 +296,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
             "scaling": "rslora" if adapter.config.get("use_rslora") else "alpha/r",
             "tied_base": tied_base, "tied_merged": tied_out, "untied": tied_base and not tied_out, "untie_reason": untie_reason,
             "base_vocab_size": base_vocab, "vocab_size": vocab, "tokenizer_files": copied}
-
-
-def _dtype(handle, name: str):
-    import torch
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(handle.get_slice(name).get_dtype(), torch.float32)
-
-
-def _tied_head(adapter: Adapter, base_embed, merged_embed, used: set):
-    """The output head of a tied base after the adapter, or None when it stays tied to the merged embedding."""
-    import torch
-
-    if "lm_head.weight" in adapter.full:
-        used.add("lm_head.weight")
-        head = adapter.tensor(adapter.full["lm_head.weight"]).to(torch.float32)
-    elif "lm_head" in adapter.lora:
-        used.add("lm_head")
-        head = base_embed.to(torch.float32) + _lora_delta(adapter, "lm_head")
-    elif adapter.config.get("ensure_weight_tying") or not _embedding_changed(adapter):
-        return None
-    else:  # PEFT kept the original (tied) weight for lm_head while embed_tokens was trained
-        head = base_embed.to(torch.float32)
-    return None if torch.equal(head, merged_embed) else head
 
 
 def _embedding_changed(adapter: Adapter) -> bool:
