@@ -81,6 +81,10 @@ def run(ctx) -> dict:
 
     summary = verify.summarize(checks)
     warnings = checks["perplexity"].pop("warnings")
+    if checks["tokenizer"]["leading_space_quirk"]:
+        warnings.append(f"{len(checks['tokenizer']['leading_space_quirk'])} probe text(s) where text that begins "
+                        "with a space (at the start or after a special token) gets one extra '\u2581' token in "
+                        "llama.cpp (SentencePiece dummy prefix, which HF's tokenizer skips there)")
     if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop":
         warnings.append(f"greedy generation did not end its turn by itself within "
                         f"{checks['stop']['natural']['bound']} tokens (expected for an untrained chat model)")

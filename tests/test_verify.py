@@ -1,0 +1,141 @@
+"""The verify stage on real GGUFs of tiny models: passes on a correct export, fails (VerificationError,
+verify.json naming the check) on a GGUF with another tokenizer or other weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cpt_kit.errors import VerificationError
+from stage_helpers import context, make_run
+
+pytestmark = pytest.mark.slow
+QUANTS = ("Q8_0", "Q4_K_M")
+
+
+def write_heldout(run, model_dir, texts, block=64, n_blocks=6):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = []
+    for text in texts:
+        ids += tok(text)["input_ids"] + [tok.eos_token_id]
+    blocks = [ids[i:i + block] for i in range(0, block * n_blocks, block)]
+    assert len(blocks[-1]) == block
+    Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(run / "data" / "heldout"))
+    (run / "data" / "heldout_texts.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[:4]), encoding="utf-8")
+
+
+def export_ggufs(model_dir, run):
+    from cpt_kit.export.gguf import convert_to_gguf, quantize_gguf
+
+    f16 = run / "gguf" / "tiny-F16.gguf"
+    convert_to_gguf(model_dir, f16, "f16")
+    for quant in QUANTS:
+        quantize_gguf(f16, run / "gguf" / f"tiny-{quant}.gguf", quant)
+
+
+def legacy_spacing(model_dir):
+    """Re-save the tokenizer with legacy=True (SentencePiece's "space after special tokens"), which is
+    what llama.cpp's SPM tokenizer does; the tiny fixtures are built with legacy=False (see
+    test_verify_flags_special_token_spacing)."""
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["legacy"] = True  # transformers 5 rebuilds the Metaspace pre-tokenizer from this flag
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def exported_chatml(tiny_chatml, target_texts, tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("verify") / "run", tiny_chatml)
+    legacy_spacing(run / "merged")
+    write_heldout(run, tiny_chatml, target_texts)
+    export_ggufs(tiny_chatml, run)
+    return run
+
+
+def recipe_for(tiny_recipe, model_dir, **export):
+    from cpt_kit.recipe import Export, Model
+    return tiny_recipe(model=Model(base=str(model_dir), max_seq_length=64, load_in_4bit=False),
+                       export=Export(quantizations=QUANTS, **export))
+
+
+def copy_run(run, dest):
+    """A copy of the run sharing merged/ and data/ (symlinks) with its own gguf/."""
+    dest.mkdir()
+    for name in ("merged", "data"):
+        (dest / name).symlink_to(run / name)
+    shutil.copytree(run / "gguf", dest / "gguf")
+    return dest
+
+
+def test_verify_passes_on_a_correct_export(exported_chatml, tiny_chatml, tiny_recipe):
+    from cpt_kit.export import verify_stage
+
+    ctx = context(recipe_for(tiny_recipe, tiny_chatml), exported_chatml)
+    metrics = verify_stage.run(ctx)
+    report = json.loads((exported_chatml / "verify.json").read_text())
+    assert report["passed"] and report["failed"] == [] and metrics["passed"]
+    tok = report["checks"]["tokenizer"]
+    assert tok["mismatched"] == 0 and tok["texts"] >= 12 and len(tok["leading_space_quirk"]) == 2 and tok["hf_add_bos"] == tok["gguf_add_bos"] is True
+    ppl = report["checks"]["perplexity"]
+    assert ppl["blocks"] == 6 and ppl["block_length"] == 64
+    assert abs(ppl["formats"]["F16"]["delta"]) < 1e-3
+    assert abs(ppl["formats"]["Q8_0"]["delta"]) < 0.02
+    assert set(ppl["formats"]) == {"F16", "Q8_0", "Q4_K_M"}
+    stop = report["checks"]["stop"]
+    assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
+    assert stop["forced"]["finish_reason"] == "stop" and stop["forced"]["tokens"] <= stop["forced"]["after"]
+    assert stop["natural"]["bound"] == 32
+    print("verify numbers:", json.dumps({"hf": ppl["hf"], **{k: v for k, v in ppl["formats"].items()},
+                                         "natural_stop": stop["natural"]}))
+
+
+def test_verify_fails_when_gguf_has_another_tokenizer(exported_chatml, tiny_chatml, tiny_recipe, target_texts,
+                                                      tmp_path):
+    from cpt_kit.export import verify_stage
+    from cpt_kit.export.gguf import convert_to_gguf
+    from cpt_kit.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", target_texts, chat_template="chatml")  # Esperanto-trained SP
+    run = copy_run(exported_chatml, tmp_path / "run")
+    convert_to_gguf(other, run / "gguf" / "tiny-F16.gguf", "f16")
+    with pytest.raises(VerificationError, match="tokenizer"):
+        verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert not report["passed"] and "tokenizer" in report["failed"]
+    assert report["checks"]["tokenizer"]["mismatched"] > 0 and report["checks"]["tokenizer"]["examples"]
+
+
+def test_verify_fails_when_perplexity_deviates(exported_chatml, tiny_chatml, tiny_recipe, general_texts, tmp_path):
+    from cpt_kit.export import verify_stage
+    from cpt_kit.export.gguf import convert_to_gguf
+    from cpt_kit.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", general_texts, chat_template="chatml", seed=1)  # same tokenizer
+    run = copy_run(exported_chatml, tmp_path / "run")
+    convert_to_gguf(other, run / "gguf" / "tiny-F16.gguf", "f16")
+    with pytest.raises(VerificationError, match="perplexity: F16 differs from HF"):
+        verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["failed"] == ["perplexity"]
+    assert abs(report["checks"]["perplexity"]["formats"]["F16"]["delta"]) > 0.01
+
+
+def test_verify_flags_special_token_spacing(exported_chatml, tiny_chatml, tiny_recipe, tmp_path):
+    """A legacy=False SentencePiece tokenizer adds no space after special tokens; llama.cpp does:
+    chat prompts would be tokenized differently in Ollama than in training, so verify fails."""
+    from cpt_kit.export import verify_stage
+
+    run = copy_run(exported_chatml, tmp_path / "run")
+    (run / "merged").unlink()
+    shutil.copytree(tiny_chatml, run / "merged")  # the fixture's own legacy=False tokenizer
+    with pytest.raises(VerificationError, match="tokenizer"):
+        verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["failed"] == ["tokenizer"]
+    assert all("<|im_" in e["text"] or "<s>" in e["text"] for e in report["checks"]["tokenizer"]["examples"])
