@@ -177,3 +177,57 @@ def test_adapter_modelfile_refuses_trained_embeddings(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["embed_tokens", "lm_head"]}))
     assert trained_full_modules(adapter) == ["embed_tokens", "lm_head"]
+
+
+def save_lora(base_dir, out_dir, modules_to_save=None):
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out_dir)
+    (out_dir / "cpt_kit_train.json").write_text(json.dumps({"base": str(base_dir)}))
+
+
+def test_adapter_modelfile_refused_for_trained_embeddings(tiny_base, tiny_recipe, tmp_path, no_ollama):
+    from cpt_kit.export import modelfile_stage
+
+    recipe = recipe_for(tiny_recipe, tiny_base)
+    recipe = dataclasses.replace(recipe, export=dataclasses.replace(recipe.export, adapter_modelfile=True))
+    run = make_run(tmp_path / "run", tiny_base)
+    fake_gguf(run)
+    save_lora(tiny_base, run / "adapter", modules_to_save=["embed_tokens", "lm_head"])
+    with pytest.raises(ExportError, match="embed_tokens.*LoRA GGUF cannot carry") as info:
+        modelfile_stage.run(context(recipe, run))
+    assert "ollama/Modelfile (the merged model)" in str(info.value)
+
+
+@pytest.mark.slow
+def test_adapter_modelfile_over_base_gguf(tiny_base, tiny_recipe, tmp_path, no_ollama):
+    from llama_cpp import Llama
+
+    from cpt_kit.export import modelfile_stage
+
+    recipe = recipe_for(tiny_recipe, tiny_base, system="Sis.")
+    recipe = dataclasses.replace(recipe, export=dataclasses.replace(recipe.export, adapter_modelfile=True))
+    run = make_run(tmp_path / "run", tiny_base)
+    fake_gguf(run)
+    save_lora(tiny_base, run / "adapter")
+    metrics = modelfile_stage.run(context(recipe, run))
+    text = (run / "ollama" / "Modelfile.adapter").read_text(encoding="utf-8")
+    mf = parse(text)
+    assert (mf.from_, mf.adapter, mf.system) == ("./base-F16.gguf", "./adapter.gguf", "Sis.")
+    assert ollama_go.parse(text)[:2] == [("model", "./base-F16.gguf"), ("adapter", "./adapter.gguf")]
+    assert metrics["adapter_modelfile"]["modelfile"] == "ollama/Modelfile.adapter"
+    base, lora = run / "ollama" / "base-F16.gguf", run / "ollama" / "adapter.gguf"
+    plain = Llama(model_path=str(base), n_ctx=64, logits_all=True, verbose=False)
+    adapted = Llama(model_path=str(base), lora_path=str(lora), n_ctx=64, logits_all=True, verbose=False)
+    ids = plain.tokenize(b"La kato", add_bos=True)
+    plain.eval(ids)
+    adapted.eval(ids)
+    last = len(ids) - 1
+    assert plain.scores[last].any() and (plain.scores[last] != adapted.scores[last]).any()  # the adapter is applied
