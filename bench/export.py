@@ -208,7 +208,9 @@ def main() -> None:
     ] + [f"| llama.cpp {k} GGUF, greedy decode | {v:.1f} tok/s | **{v / hf_tps:.2f}x HF** |" for k, v in gguf_tps.items()] + [
         "", f"Decode speed: {args.tokens} new tokens after a {len(prompt)}-token prompt, prompt time excluded.",
         "Merge memory is measured in a fresh subprocess (VmHWM reset after imports); the merge's logits",
-        "check (loads base+adapter and the merged model) is a separate step of the merge stage and not included.", ""]
+        "check (loads base+adapter and the merged model) is a separate step of the merge stage and not included.",
+        "The copy reads from the page cache (the base was just written), so it is a lower bound. On a shared",
+        "2-core machine tokens/s vary between runs (up to 4x seen); compare ratios within one run only.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
