@@ -71,6 +71,8 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
         if plan.conflicts:
             console.print(f"[yellow]would need --force to redo: {', '.join(plan.conflicts)}[/yellow]")
         return
+    from cpt_kit.train.backend import preload
+    preload(resolved.train.backend)  # Unsloth must patch transformers before anything imports it
     try:
         manifest = run_pipeline(resolved, run_dir, console, until=until, only=only, force=force, notes=notes)
     except CptKitError:
