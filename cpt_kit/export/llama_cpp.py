@@ -71,7 +71,7 @@ def _download_sdist(version: str, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", f"llama-cpp-python=={version}", "-d", tmp]
+               f"llama-cpp-python=={version}", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if proc.returncode != 0 or not archives:
