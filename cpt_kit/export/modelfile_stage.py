@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
@@ -32,6 +33,11 @@ def eos_ids(model_dir: Path) -> tuple[int, ...]:
 def chosen_quant(recipe) -> str:
     export = recipe.export
     return (export.modelfile_quant or (export.quantizations[0] if export.quantizations else export.outtype)).upper()
+
+
+def ollama_name(name: str) -> str:
+    """Ollama model names: lowercase letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "cpt-kit-model"
 
 
 def _number(value) -> str:
@@ -84,5 +90,5 @@ def run(ctx) -> dict:
         from cpt_kit.export.adapter_modelfile import write_adapter_modelfile
         metrics["adapter_modelfile"] = write_adapter_modelfile(ctx, mf)
     prompt = recipe.eval.prompts[0] if recipe.eval.prompts else "Hello"
-    metrics.update(publish(path, recipe.name.lower(), prompt, ctx.log))
+    metrics.update(publish(path, ollama_name(recipe.name), prompt, ctx.log))
     return metrics

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from cpt_kit.errors import VerificationError
 from cpt_kit.rundir import atomic_write_json
