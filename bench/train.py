@@ -84,7 +84,8 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict:
            "--grad-accum", str(args.grad_accum), "--r", str(args.r)]
     cmd += ["--load-in-4bit"] if args.load_in_4bit else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1", PYTHONPATH=str(REPO))
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1", PYTHONPATH=pythonpath)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

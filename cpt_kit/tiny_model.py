@@ -9,6 +9,7 @@ chat template with its special tokens, any weight dtype, several safetensors sha
 from __future__ import annotations
 
 import io
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -67,7 +68,9 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], *, vocab_size: int =
     symbols = {"chatml": CHATML_TOKENS, "llama3": LLAMA3_TOKENS, None: ()}[chat_template]
     with tempfile.TemporaryDirectory() as sp_dir:  # only tokenizer.model there: transformers converts it
         sp_file = train_sentencepiece(texts, Path(sp_dir) / "tokenizer.model", vocab_size, symbols)
-        tokenizer = LlamaTokenizer.from_pretrained(sp_dir, add_bos_token=True, add_eos_token=False, legacy=False)
+        # legacy=True: "▁" before the text that follows a special token, which is what llama.cpp's
+        # SentencePiece tokenizer does; with legacy=False HF and GGUF ids differ after special tokens.
+        tokenizer = LlamaTokenizer.from_pretrained(sp_dir, add_bos_token=True, add_eos_token=False, legacy=True)
         sp_bytes = sp_file.read_bytes()
     if symbols:
         tokenizer.add_special_tokens({"additional_special_tokens": list(symbols)})
@@ -78,6 +81,8 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], *, vocab_size: int =
         tokenizer.chat_template = LLAMA3_TEMPLATE
         tokenizer.eos_token = "<|eot_id|>"
     tokenizer.save_pretrained(out_dir)
+    config_file = out_dir / "tokenizer_config.json"  # transformers 5 rebuilds from this flag on load
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "legacy": True}, indent=2))
     # transformers 5 writes only tokenizer.json; llama.cpp's converter wants the SentencePiece model.
     (out_dir / "tokenizer.model").write_bytes(sp_bytes)
 
@@ -135,7 +140,7 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int =
     return losses
 
 
-DEMO_BASE = {"vocab_size": 1000, "pretrain_steps": 80, "seq_len": 128, "batch_size": 8, "learning_rate": 3e-3}
+DEMO_BASE = {"format": 2, "vocab_size": 1000, "pretrain_steps": 80, "seq_len": 128, "batch_size": 8, "learning_rate": 3e-3}
 
 
 def cache_dir() -> Path:
