@@ -39,20 +39,20 @@ def export_ggufs(model_dir, run):
         quantize_gguf(f16, run / "gguf" / f"tiny-{quant}.gguf", quant)
 
 
-def legacy_spacing(model_dir):
-    """Re-save the tokenizer with legacy=True (SentencePiece's "space after special tokens"), which is
-    what llama.cpp's SPM tokenizer does; the tiny fixtures are built with legacy=False (see
-    test_verify_flags_special_token_spacing)."""
+def set_legacy_spacing(model_dir, legacy: bool):
+    """Re-save the tokenizer with legacy=True/False. True is SentencePiece's "space after special
+    tokens", which llama.cpp's SPM tokenizer does and the tiny fixtures are built with; False is
+    the variant whose chat prompts llama.cpp tokenizes differently."""
     config_file = model_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["legacy"] = True  # transformers 5 rebuilds the Metaspace pre-tokenizer from this flag
+    config["legacy"] = legacy  # transformers 5 rebuilds the Metaspace pre-tokenizer from this flag
     config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def exported_chatml(tiny_chatml, target_texts, tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("verify") / "run", tiny_chatml)
-    legacy_spacing(run / "merged")
+    assert json.loads((run / "merged" / "tokenizer_config.json").read_text())["legacy"] is True
     write_heldout(run, tiny_chatml, target_texts)
     export_ggufs(tiny_chatml, run)
     return run
@@ -133,7 +133,8 @@ def test_verify_flags_special_token_spacing(exported_chatml, tiny_chatml, tiny_r
 
     run = copy_run(exported_chatml, tmp_path / "run")
     (run / "merged").unlink()
-    shutil.copytree(tiny_chatml, run / "merged")  # the fixture's own legacy=False tokenizer
+    shutil.copytree(tiny_chatml, run / "merged")
+    set_legacy_spacing(run / "merged", False)
     with pytest.raises(VerificationError, match="tokenizer") as info:
         verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
     report = json.loads((run / "verify.json").read_text())
@@ -155,6 +156,6 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
     assert report["passed"] and metrics["passed"] and "stop" not in report["checks"]
     assert report["checks"]["tokenizer"]["mismatched"] == 0
     informational = report["checks"]["tokenizer"]["informational_mismatches"]
-    assert "space_after_special_token" in [d["kind"] for d in informational]  # legacy=False fixture tokenizer
+    assert "space_after_special_token" not in [d["kind"] for d in informational]  # legacy spacing matches
     assert any("no chat template" in w for w in report["warnings"])
     assert abs(metrics["ppl_delta_F16"]) < 1e-3
