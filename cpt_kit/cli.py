@@ -31,6 +31,12 @@ class _Group(click.Group):
         except CptKitError as exc:
             click.echo(click.style("error: ", fg="red", bold=True) + exc.render(), err=True)
             sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not bad input: short message, full traceback in the run's log
+            click.echo(click.style("internal error: ", fg="red", bold=True) + f"{type(exc).__name__}: {exc}\n"
+                       "  -> the full traceback is in the run's logs/error.log; please report it", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)

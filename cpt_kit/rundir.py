@@ -18,6 +18,10 @@ class RunDir:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # absolute, so paths stay valid for subprocesses (the GGUF converter) that run elsewhere
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"

@@ -22,6 +22,11 @@ def _short(value: Any) -> str | None:
     return None
 
 
+def _first_line(text: str, width: int = 100) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def headline_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
     """The stage's own `headline` keys if it names them, else its first short scalar values."""
     keys = metrics.get("headline") or list(metrics)
@@ -53,7 +58,7 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
         seconds = entry.get("seconds")
         output = getattr(run, OUTPUTS[name])
         table.add_row(name, f"[{colour}]{status}[/{colour}]", f"{seconds:.1f}s" if seconds is not None else "",
-                      entry.get("error", "") if status == "failed" else headline_metrics(entry.get("metrics", {})),
+                      _first_line(entry.get("error", "")) if status == "failed" else headline_metrics(entry.get("metrics", {})),
                       str(output) if output.exists() else "")
     console.print(table)
     console.print(f"manifest: {run.manifest}")

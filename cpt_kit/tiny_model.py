@@ -148,24 +148,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CPT_KIT_CACHE", Path.home() / ".cache" / "cpt-kit"))
 
 
-def cached_tiny_base(text_folder: Path) -> Path:
-    """The demo's base model: a tiny Llama whose tokenizer and weights come from the .txt files in
-    `text_folder` (short general pretraining). Built once per content hash, then reused."""
-    import hashlib
-    import json
-
+def _tiny_base_texts(text_folder: Path) -> list[str]:
     from cpt_kit.errors import RecipeError
-    from cpt_kit.rundir import atomic_path
 
     files = sorted(Path(text_folder).glob("*.txt"))
     if not files:
         raise RecipeError(f"no .txt files in {text_folder} to build the tiny base model from", where="model.base",
                           hint="tiny:FOLDER needs a folder of plain-text documents")
-    texts = [f.read_text(encoding="utf-8") for f in files]
-    digest = hashlib.sha256(json.dumps([texts, DEMO_BASE]).encode()).hexdigest()[:12]
-    target = cache_dir() / f"tiny-base-{digest}"
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def tiny_base_digest(text_folder: Path) -> str:
+    """Identity of the tiny base built from `text_folder` (its texts and the build settings)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([_tiny_base_texts(text_folder), DEMO_BASE]).encode()).hexdigest()[:12]
+
+
+def cached_tiny_base(text_folder: Path) -> Path:
+    """The demo's base model: a tiny Llama whose tokenizer and weights come from the .txt files in
+    `text_folder` (short general pretraining). Built once per content hash, then reused."""
+    from cpt_kit.rundir import atomic_path
+
+    target = cache_dir() / f"tiny-base-{tiny_base_digest(text_folder)}"
     if (target / "config.json").is_file():
         return target
+    texts = _tiny_base_texts(text_folder)
     print(f"building the tiny base model from {len(texts)} documents in {text_folder} -> {target}")
     with atomic_path(target) as tmp:
         build_tiny_model(tmp, texts, vocab_size=DEMO_BASE["vocab_size"])

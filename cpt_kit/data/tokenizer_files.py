@@ -42,6 +42,8 @@ def save_tokenizer(tokenizer, model: Model, out_dir: Path) -> list[str]:
     no longer writes that file itself. Returns the file names written.
     """
     out_dir = Path(out_dir)
+    if hasattr(tokenizer, "legacy"):  # transformers 5 drops it on save; it decides the spacing after
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy  # special tokens (llama.cpp uses legacy)
     tokenizer.save_pretrained(str(out_dir))
     sp_model = _find_sentencepiece_model(model)
     if sp_model is not None:
@@ -67,7 +69,11 @@ def _find_sentencepiece_model(model: Model) -> Path | None:
 def tokenizer_fingerprint(model: Model) -> dict:
     """Hashes of the local tokenizer files (the base id when it is a hub model)."""
     from cpt_kit.manifest import file_sha256
+    from cpt_kit.model_source import TINY_PREFIX
 
+    if model.tokenizer is None and model.base.startswith(TINY_PREFIX):  # identified without building it
+        from cpt_kit.tiny_model import tiny_base_digest
+        return {"tiny": tiny_base_digest(Path(model.base[len(TINY_PREFIX):]).expanduser())}
     try:
         location = Path(tokenizer_location(model)).expanduser()
     except Exception:  # noqa: BLE001 - an unresolvable base fails later with its own error

@@ -139,7 +139,7 @@ def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *,
 
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF outtype {outtype!r}", where="export.outtype", hint=f"one of {', '.join(OUTTYPES)}")
-    model_dir, out_file = Path(model_dir), Path(out_file)
+    model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()  # the converter runs in another cwd
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a model directory (no config.json)", where=str(model_dir))
     script = converter_script()
@@ -169,7 +169,7 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optiona
     if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}"):
         raise ExportError(f"llama.cpp has no quantization type {quant!r}", where="export.quantizations",
                           hint="e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0")
-    in_file, out_file = Path(in_file), Path(out_file)
+    in_file, out_file = Path(in_file).resolve(), Path(out_file).resolve()
     started = time.perf_counter()
     with atomic_path(out_file) as partial:
         cmd = [sys.executable, "-c", _QUANTIZE_CODE, str(in_file), str(partial), quant, str(nthread or os.cpu_count() or 1)]

@@ -17,14 +17,6 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
 """Largest accepted |merged - PEFT| logit difference relative to the largest |PEFT logit|, by weight dtype."""
 
 
-def input_fingerprint(ctx) -> dict:
-    """Identity of the adapter files (name, size, mtime: cheap), so a new adapter re-runs the merge."""
-    adapter = ctx.run.adapter
-    if not adapter.is_dir():
-        return {}
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(adapter.iterdir()) if p.is_file()}
-
-
 def train_info(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / "cpt_kit_train.json"
     return json.loads(path.read_text()) if path.is_file() else {}

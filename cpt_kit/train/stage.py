@@ -86,7 +86,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise TrainingError(f"trainable weight {bad} is not finite after training; the adapter was not saved",
                             where="train", hint="lower train.learning_rate, or use --set train.precision=fp32")
 
-    info = save_adapter(run_dir.adapter, model, tokenizer, tokenizer_dir, dict(
+    info = save_adapter(run_dir.adapter, model, tokenizer_dir, dict(
         base=setup.base, base_vocab_size=base_vocab, vocab_size=vocab_size, backend=backend.name,
         precision=precision, loaded_in_4bit=load_in_4bit,
         learning_rate=t.learning_rate, embedding_learning_rate=t.embedding_learning_rate,
@@ -142,9 +142,9 @@ def resume_checkpoint(checkpoints: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def save_adapter(adapter_dir: Path, model: Any, tokenizer: Any, tokenizer_dir: Path,
+def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path,
                  info: dict[str, Any]) -> dict[str, Any]:
-    """PEFT adapter + tokenizer (+ tokenizer.model) + cpt_kit_train.json, renamed into place at once."""
+    """PEFT adapter + the prepared tokenizer files (copied) + cpt_kit_train.json, renamed into place at once."""
     from cpt_kit.train.embeddings import embeddings_tied
 
     import torch
@@ -157,10 +157,11 @@ def save_adapter(adapter_dir: Path, model: Any, tokenizer: Any, tokenizer_dir: P
     info = dict(info, tied_base=tied_base, embeddings_untied=bool(tied_base and untied))
     with atomic_path(adapter_dir) as tmp:
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        sp_model = Path(tokenizer_dir) / "tokenizer.model"
-        if sp_model.is_file():
-            shutil.copyfile(sp_model, tmp / "tokenizer.model")
+        # The tokenizer prepare saved, byte for byte: a re-save through transformers 5 would drop
+        # settings such as "legacy" (SentencePiece spacing after special tokens).
+        for item in Path(tokenizer_dir).iterdir():
+            if item.is_file():
+                shutil.copyfile(item, tmp / item.name)
         atomic_write_json(tmp / "cpt_kit_train.json", info)
     return info
 
