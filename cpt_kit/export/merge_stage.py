@@ -63,26 +63,35 @@ def probe_ids(model_dir: Path, vocab_size: int, texts: list[str] = (), length: i
 
 
 def compare_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, ids) -> dict:
-    """Max abs / relative difference of merged-model logits vs base + adapter in PEFT (both fp32)."""
+    """Max abs / relative difference of merged-model logits vs base + adapter in PEFT (both fp32).
+
+    Runs on the GPU when there is one (fp32 needs 4 bytes per parameter there), else on the CPU;
+    both models are placed explicitly, whatever device Unsloth's patches would pick.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    placement = {"dtype": torch.float32, "device_map": {"": device}}
     vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
+    ids = ids.to(device)
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, **placement)
         if base.get_input_embeddings().weight.shape[0] != vocab:
             base.resize_token_embeddings(vocab, mean_resizing=False)
         reference = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-        expected = reference(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits.float().cpu()
         del reference, base
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-        actual = merged(input_ids=ids).logits
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, **placement).eval()
+        actual = merged(input_ids=ids).logits.float().cpu()
         del merged
     max_abs = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()
     return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_abs / max(scale, 1e-12),
-            "probe_tokens": int(ids.numel())}
+            "probe_tokens": int(ids.numel()), "check_device": device}
 
 
 def _heldout_texts(run) -> list[str]:
