@@ -27,7 +27,7 @@ def _first_line(text: str, width: int = 100) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
-def headline_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
+def headline_metrics(metrics: dict[str, Any], limit: int = 8) -> str:
     """The stage's own `headline` keys if it names them, else its first short scalar values."""
     keys = metrics.get("headline") or list(metrics)
     parts = []
@@ -40,15 +40,24 @@ def headline_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
     return ", ".join(parts)
 
 
+def _display(path) -> str:
+    """A path relative to the working directory when it is below it (shorter, copy-pasteable)."""
+    from pathlib import Path
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
     from rich.table import Table
 
-    table = Table(title=f"cpt-kit run: {run.root}", show_lines=False)
-    table.add_column("stage")
-    table.add_column("status")
-    table.add_column("time", justify="right")
-    table.add_column("key numbers")
-    table.add_column("output")
+    table = Table(title=f"cpt-kit run: {_display(run.root)}", title_justify="left", expand=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("key numbers", ratio=1)
+    outputs = []
     for name in STAGES:
         entry = manifest.stage(name)
         if not entry:
@@ -56,9 +65,16 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
         status = entry.get("status", "?")
         colour = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "white")
         seconds = entry.get("seconds")
-        output = getattr(run, OUTPUTS[name])
         table.add_row(name, f"[{colour}]{status}[/{colour}]", f"{seconds:.1f}s" if seconds is not None else "",
-                      _first_line(entry.get("error", "")) if status == "failed" else headline_metrics(entry.get("metrics", {})),
-                      str(output) if output.exists() else "")
+                      _first_line(entry.get("error", "")) if status == "failed" else headline_metrics(entry.get("metrics", {})))
+        output = getattr(run, OUTPUTS[name])
+        if status == "done" and output.exists():
+            outputs.append(output.name + ("/" if output.is_dir() else ""))
     console.print(table)
-    console.print(f"manifest: {run.manifest}")
+    if outputs:
+        console.print(f"outputs in {_display(run.root)}/: " + "  ".join(outputs))
+    modelfile = run.ollama / "Modelfile"
+    if manifest.stage("modelfile").get("status") == "done" and modelfile.is_file():
+        name = manifest.data.get("recipe", {}).get("name", "my-model")
+        console.print(f"next: [bold]ollama create {name} -f {_display(modelfile)}[/bold]")
+    console.print(f"manifest: {_display(run.manifest)}")

@@ -139,7 +139,7 @@ def trainer_arguments(setup: TrainSetup) -> dict[str, Any]:
         max_length=None,
         dataloader_num_workers=0,
         use_cpu=setup.device != "cuda",
-        disable_tqdm=False,
+        disable_tqdm=True,  # cpt_kit.train.callbacks.RichProgress draws the bar
     )
 
 

@@ -152,3 +152,51 @@ def _float(value: Any) -> Optional[float]:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
+
+
+class RichProgress(TrainerCallback):
+    """One progress bar for training (step, loss, eval loss, tokens/s) instead of the trainer's
+    tqdm bars and printed log dicts, which interleave into an unreadable screen."""
+
+    def __init__(self, console: Any, tokens_per_step: int):
+        self.console = console
+        self.tokens_per_step = tokens_per_step
+        self.progress = None
+        self.task = None
+        self.fields = {"loss": "-", "eval": "-", "tps": "-"}
+        self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("  train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[tps]} tok/s"),
+                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+        self._last = (time.perf_counter(), state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is None:
+            return
+        now = time.perf_counter()
+        then, step = self._last
+        if state.global_step > step and now > then:
+            self.fields["tps"] = f"{(state.global_step - step) * self.tokens_per_step / (now - then):,.0f}"
+        self._last = (now, state.global_step)
+        self.progress.update(self.task, completed=state.global_step, **self.fields)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.fields["loss"] = f"{float(logs['loss']):.3f}"
+        if "eval_loss" in logs:
+            self.fields["eval"] = f"{float(logs['eval_loss']):.3f}"
+        if self.progress is not None:
+            self.progress.update(self.task, **self.fields)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, **self.fields)
+            self.progress.stop()
+            self.progress = None

@@ -36,7 +36,9 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     backend = get_backend(resolve_backend_name(ctx.recipe.train.backend))  # imports unsloth first, if chosen
 
     from cpt_kit.train.backend import TrainSetup, embedding_parameters, resolve_optim
-    from cpt_kit.train.callbacks import NanGuard, TrainLog, first_non_finite_parameter
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from cpt_kit.train.callbacks import NanGuard, RichProgress, TrainLog, first_non_finite_parameter
     from cpt_kit.train.embeddings import read_extension
     from cpt_kit.hardware import resolve_precision, use_4bit
     from cpt_kit.model_source import load_kwargs, resolve_base
@@ -73,7 +75,9 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_length
     log = TrainLog(log_path, tokens_per_step, hw.device, {id(p) for p in embedding_parameters(model)})
     trainer = backend.make_trainer(setup, model, tokenizer, train_ds, eval_ds,
-                                   [log, NanGuard(precision), *callbacks])
+                                   [log, NanGuard(precision), RichProgress(ctx.console, tokens_per_step), *callbacks])
+    for noisy in (PrinterCallback, ProgressCallback):  # RichProgress shows the same, on one line
+        trainer.remove_callback(noisy)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final_eval = None
