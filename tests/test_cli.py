@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from click.testing import CliRunner
 
-from cpt_kit.cli import main
 from conftest import REPO
+from cpt_kit.cli import main
+from cpt_kit.recipe import STAGES
 
 
 def invoke(*args):
@@ -64,3 +67,49 @@ def test_until_and_stage_are_exclusive(tmp_path):
     result = CliRunner().invoke(main, ["run", str(REPO / "recipes" / "demo.py"), "--until", "train",
                                        "--stage", "train"])
     assert result.exit_code == 2 and "either --until or --stage" in result.output
+
+
+@pytest.mark.slow
+def test_run_whole_pipeline_then_rerun_skips(tiny_base, target_texts, write_corpus, tmp_path, monkeypatch):
+    """`cpt-kit run` on a tiny recipe: every stage done, outputs present, verify passed; a rerun
+    skips everything; a changed recipe is refused without --force."""
+    corpus = write_corpus(target_texts, "eo")
+    recipe = tmp_path / "tiny.py"
+    recipe.write_text(textwrap.dedent(f"""\
+        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, Train
+        RECIPE = Recipe(
+            name="tiny-cli",
+            model=Model(base={str(tiny_base)!r}, max_seq_length=64),
+            lora=Lora(r=8, lora_alpha=16),
+            data=Data(sources=({str(corpus)!r},), heldout_fraction=0.1, min_train_blocks=4),
+            train=Train(backend="hf", learning_rate=2e-3, embedding_learning_rate=5e-4, max_steps=8,
+                        per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=4,
+                        save_steps=4, warmup_ratio=0.0, gradient_checkpointing=False),
+            eval=Eval(prompts=("La kato",), max_new_tokens=4, max_blocks=8),
+            export=Export(quantizations=("Q8_0",)),
+        )
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenVALUE")
+    result = invoke("run", str(recipe))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny-cli"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in STAGES)
+    assert manifest["stages"]["evaluate"]["metrics"]["ppl_trained"] < manifest["stages"]["evaluate"]["metrics"]["ppl_base"]
+    assert json.loads((run / "verify.json").read_text())["passed"] is True
+    modelfile = (run / "ollama" / "Modelfile").read_text()
+    assert "FROM ../gguf/tiny-cli-Q8_0.gguf" in modelfile and (run / "gguf" / "tiny-cli-Q8_0.gguf").is_file()
+    assert "ollama create tiny-cli -f runs/tiny-cli/ollama/Modelfile" in result.output
+    assert "hf_SECRETtokenVALUE" not in result.output
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".md", "") and path.stat().st_size < 5e6:
+            assert b"hf_SECRETtokenVALUE" not in path.read_bytes(), path
+
+    again = invoke("run", str(recipe))
+    assert again.exit_code == 0
+    assert again.output.count("done already") == len(STAGES)
+
+    changed = CliRunner().invoke(main, ["run", str(recipe), "--set", "train.learning_rate=1e-3"])
+    assert changed.exit_code == 2
+    assert "train.learning_rate" in changed.output and "--force" in changed.output
