@@ -51,6 +51,20 @@ def test_export_adapter_then_run_dir(adapter_dir, tiny_base, tmp_path):
     assert (out / "gguf" / "eo-Q4_K_M.gguf").is_file()
 
 
+@pytest.mark.slow
+def test_export_adapter_through_verify_without_heldout_data(adapter_dir, tiny_base, tmp_path):
+    """A plain adapter has no held-out data: verify compares perplexity on its probe texts instead."""
+    out = tmp_path / "run"
+    result = invoke("export", "--adapter", adapter_dir, "--base", tiny_base, "--output-dir", out,
+                    "--name", "eo", "--set", "export.quantizations=Q8_0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is True
+    assert report["checks"]["perplexity"]["block_source"] == "probe_texts"
+    assert report["checks"]["perplexity"]["blocks"] >= 1
+    assert (out / "ollama" / "Modelfile").read_text().startswith("FROM ../gguf/eo-Q8_0.gguf")
+
+
 def test_export_usage_errors(adapter_dir, tmp_path):
     assert invoke("export").exit_code == 2
     assert invoke("export", tmp_path, "--adapter", adapter_dir).exit_code == 2

@@ -22,6 +22,15 @@ def heldout_blocks(run, limit: int | None) -> list[list[int]]:
     return [list(map(int, row)) for row in dataset.select(range(n))["input_ids"]]
 
 
+def probe_blocks(tokenizer, texts: list[str], length: int, limit: int) -> list[list[int]]:
+    """Blocks cut from the probe texts, for runs without held-out data (`cpt-kit export --adapter`)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    length = max(8, min(length, len(ids)))
+    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:limit]
+
+
 def heldout_texts(run, limit: int = 8) -> list[str]:
     path = run.data / "heldout_texts.jsonl"
     if not path.is_file():
@@ -57,13 +66,18 @@ def run(ctx) -> dict:
             f"{checks['tokenizer']['texts']} probe texts give identical ids")
 
     limit = min(MAX_BLOCKS, recipe.eval.max_blocks or MAX_BLOCKS)
-    blocks = heldout_blocks(run_dir, limit)
+    if (run_dir.data / "heldout").is_dir():
+        blocks, block_source = heldout_blocks(run_dir, limit), "heldout"
+    else:
+        blocks, block_source = probe_blocks(tokenizer, texts, min(recipe.model.max_seq_length, 128), limit), "probe_texts"
+        ctx.log("no held-out data in this run: perplexity is compared on the probe texts")
     model = AutoModelForCausalLM.from_pretrained(run_dir.merged, dtype=torch.float32)
     hf = verify.hf_perplexity(model, blocks)
     del model
     ggufs = {name: verify.gguf_perplexity(path, blocks, threads) for name, path in files.items()}
     checks["perplexity"] = verify.compare_perplexity(hf, ggufs, reference, recipe.export.max_f16_ppl_delta)
     checks["perplexity"]["blocks"] = len(blocks)
+    checks["perplexity"]["block_source"] = block_source
     checks["perplexity"]["block_length"] = len(blocks[0]) if blocks else 0
     ctx.log("perplexity: HF {:.4g}; ".format(hf) + ", ".join(
         f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%})" for n, f in checks["perplexity"]["formats"].items()))
