@@ -36,7 +36,6 @@ can initialise the new embedding rows with their mean (cpt_kit/train/embeddings.
 from __future__ import annotations
 
 import heapq
-import json
 import re
 import tempfile
 from collections import Counter

@@ -122,26 +122,10 @@ def leading_space_quirk(tokenizer, text: str, hf: list[int], gg: list[int], star
 
 
 def hf_perplexity(model, blocks: list[list[int]], batch_size: int = 4) -> float:
-    """Token-weighted perplexity: exp(sum of next-token NLL / number of predicted tokens)."""
-    try:
-        from cpt_kit.evaluate import perplexity  # the training side's implementation, when present
-        value = perplexity(model, blocks, batch_size)
-        return float(value["perplexity"] if isinstance(value, dict) else value)
-    except ImportError:
-        pass
-    import torch
+    """Token-weighted perplexity of the HF model: the evaluate stage's own measure, on the same blocks."""
+    from cpt_kit.evaluate import perplexity
 
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(blocks), batch_size):
-            ids = torch.tensor(blocks[start:start + batch_size])
-            logits = model(input_ids=ids).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                    ids[:, 1:].reshape(-1), reduction="sum")
-            total += nll.item()
-            count += ids[:, 1:].numel()
-    return math.exp(total / count)
+    return float(perplexity(model, blocks, batch_size)["perplexity"])
 
 
 def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int] = None) -> float:
