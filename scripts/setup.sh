@@ -20,11 +20,11 @@ $PIP install -c constraints.txt "unsloth==2026.10.9" "unsloth_zoo==2026.10.9"
 # GPU-only extras that break `import unsloth` on a CPU torch (ENVIRONMENT.md).
 $VENV/bin/pip uninstall -y -q torchvision xformers triton 2>/dev/null || true
 
-echo "setup: llama-cpp-python $LLAMA_VERSION (wheel cached in $CACHE/wheels and $MACHINE_CACHE)"
 # The default native build segfaults on quantized GGUFs on some CPUs: build for a fixed AVX2 set.
 # The ~5 min build is cached in the repo's ignored .cache/ and in ~/.cache/cpt-kit/wheels, so a
 # fresh clone on the same machine reuses it.
 MACHINE_CACHE="${CPT_KIT_CACHE:-$HOME/.cache/cpt-kit}/wheels"
+echo "setup: llama-cpp-python $LLAMA_VERSION (wheel cached in $CACHE/wheels and $MACHINE_CACHE)"
 mkdir -p "$MACHINE_CACHE"
 WHEEL_GLOB="llama_cpp_python-$LLAMA_VERSION-*.whl"
 if ! ls "$CACHE/wheels"/$WHEEL_GLOB >/dev/null 2>&1; then
