@@ -187,7 +187,23 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
                 atomic_write_text(run.logs / "error.log", traceback.format_exc())
             raise
         manifest.finish(stage.name, metrics or {}, time.perf_counter() - started)
+        _mark_downstream_stale(manifest, stage.name, {s.name for s, _, _ in plan.steps})
     return manifest
+
+
+def _mark_downstream_stale(manifest: Manifest, name: str, planned: set[str]) -> None:
+    """A stage that ran again (e.g. `--stage train --force`) makes the finished stages after it,
+    which this run does not redo, out of date: mark them stale so the next run redoes them."""
+    names = [s.name for s in STAGE_TABLE]
+    changed = False
+    for later in names[names.index(name) + 1:]:
+        entry = manifest.stage(later)
+        if later not in planned and entry.get("status") == "done":
+            entry["status"] = "stale"
+            entry["stale_because"] = f"{name} ran again after it"
+            changed = True
+    if changed:
+        manifest.save()
 
 
 def describe_plan(plan: Plan) -> list[str]:

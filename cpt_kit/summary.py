@@ -63,7 +63,7 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
         if not entry:
             continue
         status = entry.get("status", "?")
-        colour = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "white")
+        colour = {"done": "green", "failed": "red", "running": "yellow", "stale": "yellow"}.get(status, "white")
         seconds = entry.get("seconds")
         table.add_row(name, f"[{colour}]{status}[/{colour}]", f"{seconds:.1f}s" if seconds is not None else "",
                       _first_line(entry.get("error", "")) if status == "failed" else headline_metrics(entry.get("metrics", {})))

@@ -154,3 +154,15 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def test_rerunning_one_stage_marks_later_stages_stale(tmp_path, stand_in_stages):
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet())
+    pipeline.run_pipeline(recipe(), run, quiet(), only="train", force=True)
+    stages = Manifest.load(run.manifest).data["stages"]
+    assert stages["prepare"]["status"] == "done" and stages["train"]["status"] == "done"
+    assert all(stages[s]["status"] == "stale" for s in pipeline.STAGES[2:])
+    pipeline.run_pipeline(recipe(), run, quiet())  # redone without --force: they were out of date
+    assert calls(run) == list(pipeline.STAGES) + ["train"] + list(pipeline.STAGES[2:])
+    assert all(s["status"] == "done" for s in Manifest.load(run.manifest).data["stages"].values())
