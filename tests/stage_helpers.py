@@ -13,8 +13,8 @@ class RecordingConsole:
     def print(self, *args, **kwargs):
         self.lines.append(" ".join(str(a) for a in args))
 
-    def rule(self, *args, **kwargs):
-        pass
+    def rule(self, title="", **kwargs):
+        self.lines.append(f"--- {title}")
 
     @property
     def text(self) -> str:

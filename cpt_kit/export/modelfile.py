@@ -10,6 +10,8 @@ carry raises ExportError naming the key.
 
 from __future__ import annotations
 
+import contextlib
+
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
@@ -147,11 +149,9 @@ def quote(key: str, value: str) -> str:
     if value == "":
         raise ExportError(f"{key} is empty", where=key, hint="leave it unset instead of an empty string")
     for candidate in (value, f'"""{value}"""', f'"{value}"'):
-        try:
+        with contextlib.suppress(ExportError):  # this quoting does not parse: try the next one
             if parse_commands(f"FROM x\nSYSTEM {candidate}\n")[1:] == [("system", value)]:
                 return candidate
-        except ExportError:
-            pass
     raise ExportError(
         f"{key} cannot be written so that Ollama reads it back unchanged: Ollama's Modelfile has no escape "
         'character, and a line of this value ends in """ (or in " with a leading/trailing quote) which would '
