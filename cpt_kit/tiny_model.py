@@ -113,7 +113,8 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int =
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
@@ -126,7 +127,7 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], *, steps: int =
     losses = []
     model.train()
     for _ in range(steps):
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,7 +11,6 @@ carry raises ExportError naming the key.
 from __future__ import annotations
 
 import contextlib
-
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
