@@ -18,6 +18,7 @@ class HFBackend:
     name = "hf"
 
     def load_model(self, setup: TrainSetup) -> tuple[Any, Any]:
+        import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,6 +49,11 @@ class HFBackend:
             ensure_weight_tying=False,
             bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
+        # Mixed precision keeps fp32 master weights: fp16/bf16 trainable weights (e.g. the copied
+        # embed_tokens/lm_head of a 16-bit base) would make the fp16 grad scaler fail on CUDA.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         return model, tokenizer
 
     def make_trainer(self, setup: TrainSetup, model: Any, tokenizer: Any, train_dataset: Any,
