@@ -222,3 +222,24 @@ def test_tied_embeddings_are_untied_and_recorded(tmp_path, tiny_recipe, tiny_tie
     assert info["tied_base"] is True and info["embeddings_untied"] is True
     adapter = adapter_tensors(root / "adapter")
     assert not adapter[EMBED_KEY].equal(adapter[HEAD_KEY])
+
+
+def test_trainable_weights_are_put_back_in_fp32(tiny_base):
+    """TRL casts QLoRA trainable weights to bf16 (breaks the fp16 grad scaler on a T4, loses small
+    embedding updates); the hf backend puts them back in fp32 and leaves frozen weights alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cpt_kit.train.hf_backend import keep_trainable_weights_in_fp32
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)  # what TRL does for a quantized model
+    keep_trainable_weights_in_fp32(model)
+    trainable = [p.dtype for p in model.parameters() if p.requires_grad]
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad]
+    assert trainable and set(trainable) == {torch.float32}
+    assert set(frozen) == {torch.bfloat16}

@@ -18,7 +18,6 @@ class HFBackend:
     name = "hf"
 
     def load_model(self, setup: TrainSetup) -> tuple[Any, Any]:
-        import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,11 +48,6 @@ class HFBackend:
             ensure_weight_tying=False,
             bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-        # Mixed precision keeps fp32 master weights: fp16/bf16 trainable weights (e.g. the copied
-        # embed_tokens/lm_head of a 16-bit base) would make the fp16 grad scaler fail on CUDA.
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
         return model, tokenizer
 
     def make_trainer(self, setup: TrainSetup, model: Any, tokenizer: Any, train_dataset: Any,
@@ -84,5 +78,23 @@ class HFBackend:
 
         args = SFTConfig(gradient_checkpointing=False,  # enabled on the model above, once
                          **trainer_arguments(setup))
-        return EmbeddingLRTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                  processing_class=tokenizer, data_collator=BlockCollator(), callbacks=callbacks)
+        trainer = EmbeddingLRTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                     processing_class=tokenizer, data_collator=BlockCollator(), callbacks=callbacks)
+        keep_trainable_weights_in_fp32(trainer.model)
+        return trainer
+
+
+def keep_trainable_weights_in_fp32(model: Any) -> None:
+    """fp32 master weights for everything that trains, whatever the mixed precision.
+
+    TRL 1.15's SFTTrainer casts the trainable weights of a quantized (QLoRA) model to bf16. With
+    fp16 mixed precision (T4: no bf16) the grad scaler then fails on CUDA ("..._unscale_cuda not
+    implemented for 'BFloat16'", seen on an H100 with precision=fp16), and with bf16 the full
+    embed_tokens/lm_head copies would lose updates at a small embedding learning rate (a 5e-6
+    step is below bf16's resolution for most weights). Autocast still computes in 16-bit.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
