@@ -113,3 +113,39 @@ def test_run_whole_pipeline_then_rerun_skips(tiny_base, target_texts, write_corp
     changed = CliRunner().invoke(main, ["run", str(recipe), "--set", "train.learning_rate=1e-3"])
     assert changed.exit_code == 2
     assert "train.learning_rate" in changed.output and "--force" in changed.output
+
+
+@pytest.mark.slow
+def test_extended_vocabulary_goes_all_the_way_to_a_verified_gguf(tiny_base, target_texts, write_corpus, tmp_path,
+                                                                 monkeypatch):
+    """New-language CPT with tokenizer extension: the grown vocabulary is trained, merged, converted,
+    and llama.cpp tokenizes the held-out text exactly like the extended HF tokenizer."""
+    corpus = write_corpus(target_texts, "eo")
+    recipe = tmp_path / "ext.py"
+    recipe.write_text(textwrap.dedent(f"""\
+        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, TokenizerExtension, Train
+        RECIPE = Recipe(
+            name="ext",
+            model=Model(base={str(tiny_base)!r}, max_seq_length=64),
+            lora=Lora(r=8, lora_alpha=16),
+            data=Data(sources=({str(corpus)!r},), heldout_fraction=0.1, min_train_blocks=4,
+                      extend_tokenizer=TokenizerExtension(max_new_tokens=48, min_frequency=3)),
+            train=Train(backend="hf", learning_rate=2e-3, embedding_learning_rate=5e-4, max_steps=8,
+                        per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=4,
+                        save_steps=4, warmup_ratio=0.0, gradient_checkpointing=False),
+            eval=Eval(prompts=("La kato",), max_new_tokens=4, max_blocks=8),
+            export=Export(quantizations=("Q8_0",)),
+        )
+    """))
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", str(recipe))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "ext"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    added = stages["prepare"]["metrics"]["new_tokens"]
+    assert added > 0 and stages["prepare"]["metrics"]["fertility_after"] < stages["prepare"]["metrics"]["fertility_before"]
+    base_vocab = json.loads((tiny_base / "config.json").read_text())["vocab_size"]
+    assert stages["merge"]["metrics"]["vocab_size"] == base_vocab + added
+    assert json.loads((run / "merged" / "config.json").read_text())["vocab_size"] == base_vocab + added
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and report["checks"]["tokenizer"]["mismatched"] == 0
