@@ -2,7 +2,7 @@
 # GPU checks for a lent CUDA machine (no hub access there): the real 4-bit bitsandbytes + Unsloth
 # path of the demo recipe up to the merge, and the unsloth-vs-hf training benchmark on a random
 # model of Llama-3.2-1B's shape. Python packages missing on that machine travel in .devsite/
-# (pip install --target for its Python; see BENCHMARKS.md for how it was made).
+# (made by bench/make_devsite.sh: pip install --target for its Python 3.12).
 set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" UNSLOTH_SKIP_TORCHVISION_CHECK=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export CPT_KIT_CACHE=/tmp/cpt-kit-cache
