@@ -22,6 +22,14 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
     return apply_overrides(load_recipe(recipe_path), overrides)
 
 
+def _quiet_library_loggers() -> None:
+    """Import-time warnings that say nothing to a cpt-kit user (optional kernels that CPU torch
+    lacks, a torch deprecation inside torchao) are kept out of the run's output."""
+    import logging
+    for name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class _Group(click.Group):
     """Prints CptKitError as a short message (what, where, what to do) and exits 2."""
 
@@ -78,6 +86,7 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
             console.print(f"[yellow]would need --force to redo: {', '.join(plan.conflicts)}[/yellow]")
         return
     from cpt_kit.train.backend import preload
+    _quiet_library_loggers()
     preload(resolved.train.backend)  # Unsloth must patch transformers before anything imports it
     try:
         manifest = run_pipeline(resolved, run_dir, console, until=until, only=only, force=force, notes=notes)

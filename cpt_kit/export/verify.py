@@ -67,8 +67,11 @@ def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
 
 def _compare(tokenizer, llm, text: str, add_bos: bool) -> Optional[dict]:
     """None when ids are equal; else the difference, with `kind` (see leading_space_quirk)."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
     hf = list(tokenizer(text)["input_ids"])
-    gg = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+    with suppress_stdout_stderr(disable=False):  # llama.cpp warns on stderr about probes that start with BOS
+        gg = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
     if hf == gg:
         return None
     first = next((i for i, (a, b) in enumerate(zip(hf, gg)) if a != b), min(len(hf), len(gg)))
@@ -86,7 +89,10 @@ def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str], informational: 
 
     from cpt_kit.export.chat_template import adds_bos
 
-    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # "n_ctx_train (0)" note of a vocab-only load
+        llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     add_bos = gguf_add_bos(llm)
     diffs = [d for d in (_compare(tokenizer, llm, t, add_bos) for t in texts) if d]
     mismatches = [d for d in diffs if d["kind"] != "leading_space_quirk"]
@@ -171,7 +177,10 @@ def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=n_threads, verbose=False)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # context-size notes llama.cpp prints even with verbose=False
+        llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=n_threads, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     add_bos = gguf_add_bos(llm)
     prompt = llm.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos, special=True)
