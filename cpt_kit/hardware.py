@@ -8,6 +8,10 @@ from cpt_kit.errors import RecipeError
 from cpt_kit.recipe import Recipe
 
 
+CPU_4BIT_NOTE = ("no GPU: loading the base in 16/32-bit instead of 4-bit (bitsandbytes 4-bit with trainable "
+                 "embeddings needs CUDA; on CPU 4-bit saves nothing that matters)")
+
+
 @dataclass(frozen=True)
 class Hardware:
     device: str
@@ -44,8 +48,7 @@ def check_recipe_against_hardware(recipe: Recipe, hw: Hardware) -> list[str]:
         raise RecipeError(f"{precision} mixed precision needs a GPU; this machine has none",
                           where="train.precision", hint="use --set train.precision=auto (fp32 on CPU)")
     if hw.device == "cpu" and recipe.model.load_in_4bit:
-        notes.append("no GPU: loading the base in 16/32-bit instead of 4-bit (bitsandbytes 4-bit "
-                     "with trainable embeddings needs CUDA; on CPU 4-bit saves nothing that matters)")
+        notes.append(CPU_4BIT_NOTE)
     return notes
 
 

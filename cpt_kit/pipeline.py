@@ -166,7 +166,7 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
     plan = make_plan(recipe, run, manifest, console, until, only, force, start)
     check_run_dir(recipe, run, manifest, plan, force)
     run.root.mkdir(parents=True, exist_ok=True)
-    manifest.data.update(recipe=recipe.to_dict(), versions=library_versions())
+    manifest.data.update(recipe=recipe.to_dict(), versions=library_versions(), notes=list(notes or []))
     manifest.save()
     for stage, fp, action in plan.steps:
         if action == "skip":

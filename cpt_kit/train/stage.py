@@ -18,10 +18,6 @@ from typing import Any, Optional, Sequence
 from cpt_kit.errors import DataError, TrainingError
 from cpt_kit.rundir import atomic_path, atomic_write_json
 
-CPU_4BIT_NOTE = ("no GPU: loading the base in 16/32-bit instead of 4-bit (4-bit with trainable "
-                 "embeddings fails on CPU, and saves nothing that matters there)")
-
-
 EXTRA_CALLBACKS: list[Any] = []
 """TrainerCallbacks added to every run of the stage (a seam for tests and benchmarks)."""
 
@@ -40,7 +36,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
     from cpt_kit.train.callbacks import NanGuard, RichProgress, TrainLog, first_non_finite_parameter
     from cpt_kit.train.embeddings import read_extension
-    from cpt_kit.hardware import resolve_precision, use_4bit
+    from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit
     from cpt_kit.model_source import load_kwargs, resolve_base
 
     recipe, run_dir, hw = ctx.recipe, ctx.run, ctx.hardware
@@ -50,8 +46,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise DataError(f"{tokenizer_dir} has no tokenizer", where=str(tokenizer_dir),
                         hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
     load_in_4bit = use_4bit(recipe, hw)
-    if recipe.model.load_in_4bit and not load_in_4bit:
-        ctx.log(CPU_4BIT_NOTE)
+    if recipe.model.load_in_4bit and not load_in_4bit and CPU_4BIT_NOTE not in ctx.notes:
+        ctx.log(CPU_4BIT_NOTE)  # (`cpt-kit run` has shown it before the run already)
     precision = resolve_precision(recipe, hw)
     setup = TrainSetup(recipe=recipe, base=resolve_base(recipe.model), load_kwargs=load_kwargs(recipe.model),
                        tokenizer_dir=tokenizer_dir, device=hw.device, precision=precision,
