@@ -1,7 +1,9 @@
-"""Run directories and stage contexts for the modelfile/verify stage tests (no training needed)."""
+"""Shared test helpers: run directories, stage contexts, quiet consoles, pipeline runs, tensors."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -34,3 +36,31 @@ def context(recipe, root: Path):
     from cpt_kit.rundir import RunDir
 
     return StageContext(recipe, RunDir(root), Manifest.load(root / "manifest.json"), RecordingConsole())
+
+
+def quiet_console():
+    from rich.console import Console
+    return Console(file=io.StringIO(), width=120)
+
+
+def run_until(recipe, root: Path, until: str = "evaluate"):
+    from cpt_kit.pipeline import run_pipeline
+    from cpt_kit.rundir import RunDir
+    return run_pipeline(recipe, RunDir(root), quiet_console(), until=until)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def base_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from test_train_helpers import adapter_tensors, run_until
+from stage_helpers import adapter_tensors, run_until
 
 
 class PerfectOnEven:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from test_train_helpers import adapter_tensors, base_tensors, read_jsonl, run_until
+from stage_helpers import adapter_tensors, base_tensors, read_jsonl, run_until
 
 EMBED_KEY = "base_model.model.model.embed_tokens.weight"
 HEAD_KEY = "base_model.model.lm_head.weight"

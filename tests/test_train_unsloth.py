@@ -24,7 +24,7 @@ from pathlib import Path
 import unsloth  # first, as in a real run
 sys.path.insert(0, sys.argv[3])
 from cpt_kit.recipe import recipe_from_dict
-from test_train_helpers import run_until
+from stage_helpers import run_until
 run_until(recipe_from_dict(json.loads(Path(sys.argv[1]).read_text())), Path(sys.argv[2]))
 """
 
