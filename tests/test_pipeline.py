@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from rich.console import Console
+from stage_helpers import quiet_console
 
 from cpt_kit import pipeline
 from cpt_kit.errors import CptKitError
@@ -60,13 +60,9 @@ def calls(run: RunDir) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def quiet() -> Console:
-    return Console(file=open("/dev/null", "w"))
-
-
 def test_runs_all_stages_then_skips_them(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
-    manifest = pipeline.run_pipeline(recipe(), run, quiet())
+    manifest = pipeline.run_pipeline(recipe(), run, quiet_console())
     assert calls(run) == list(pipeline.STAGES)
     on_disk = json.loads(run.manifest.read_text())
     assert on_disk["recipe"]["name"] == "t"
@@ -74,44 +70,44 @@ def test_runs_all_stages_then_skips_them(tmp_path, stand_in_stages):
     assert all(on_disk["stages"][s]["status"] == "done" for s in pipeline.STAGES)
     assert on_disk["stages"]["train"]["metrics"]["value"] == 1.5
     assert manifest.data == on_disk
-    pipeline.run_pipeline(recipe(), run, quiet())
+    pipeline.run_pipeline(recipe(), run, quiet_console())
     assert calls(run) == list(pipeline.STAGES), "finished stages must be skipped on rerun"
 
 
 def test_until_and_stage(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
-    pipeline.run_pipeline(recipe(), run, quiet(), until="train")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="train")
     assert calls(run) == ["prepare", "train"]
     with pytest.raises(CptKitError, match="needs 'evaluate'"):
-        pipeline.run_pipeline(recipe(), run, quiet(), only="merge")
-    pipeline.run_pipeline(recipe(), run, quiet(), only="evaluate")
+        pipeline.run_pipeline(recipe(), run, quiet_console(), only="merge")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), only="evaluate")
     assert calls(run) == ["prepare", "train", "evaluate"]
 
 
 def test_changed_recipe_refuses_to_redo_finished_stages_without_force(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
-    pipeline.run_pipeline(recipe(), run, quiet(), until="evaluate")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="evaluate")
     changed = apply_overrides(recipe(), ["train.learning_rate=1e-3"])
     with pytest.raises(CptKitError) as info:
-        pipeline.run_pipeline(changed, run, quiet())
+        pipeline.run_pipeline(changed, run, quiet_console())
     assert "train.learning_rate" in info.value.message and "--force" in info.value.hint
     assert calls(run) == ["prepare", "train", "evaluate"]
-    pipeline.run_pipeline(changed, run, quiet(), force=True)
+    pipeline.run_pipeline(changed, run, quiet_console(), force=True)
     # prepare does not depend on train.*: kept; train and everything after it redone
     assert calls(run) == ["prepare", "train", "evaluate", "train", "evaluate", "merge", "gguf", "modelfile", "verify"]
 
 
 def test_other_recipe_or_foreign_directory_not_overwritten(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
-    pipeline.run_pipeline(recipe(), run, quiet(), until="prepare")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
     other = Recipe(name="other", model=Model(base="m"))
     with pytest.raises(CptKitError, match="holds the run of recipe 't'"):
-        pipeline.run_pipeline(other, run, quiet())
+        pipeline.run_pipeline(other, run, quiet_console())
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
     with pytest.raises(CptKitError, match="not a cpt-kit run"):
-        pipeline.run_pipeline(recipe(), RunDir(foreign), quiet())
+        pipeline.run_pipeline(recipe(), RunDir(foreign), quiet_console())
     assert (foreign / "notes.txt").read_text() == "precious"
 
 
@@ -119,11 +115,11 @@ def test_failure_is_recorded_and_resume_flag_set(tmp_path, stand_in_stages, monk
     run = RunDir(tmp_path / "run")
     monkeypatch.setenv("FAIL_STAGE", "train")
     with pytest.raises(CptKitError, match="corpus too small"):
-        pipeline.run_pipeline(recipe(), run, quiet())
+        pipeline.run_pipeline(recipe(), run, quiet_console())
     entry = Manifest.load(run.manifest).stage("train")
     assert entry["status"] == "failed" and "corpus too small" in entry["error"] and "add text" in entry["error"]
     monkeypatch.delenv("FAIL_STAGE")
-    manifest = pipeline.run_pipeline(recipe(), run, quiet(), until="train")
+    manifest = pipeline.run_pipeline(recipe(), run, quiet_console(), until="train")
     assert manifest.metrics("train")["resume"] is True
     assert manifest.stage("train")["attempts"] == 2
 
@@ -132,7 +128,7 @@ def test_unexpected_crash_writes_error_log(tmp_path, stand_in_stages, monkeypatc
     run = RunDir(tmp_path / "run")
     monkeypatch.setenv("CRASH_STAGE", "prepare")
     with pytest.raises(ZeroDivisionError):
-        pipeline.run_pipeline(recipe(), run, quiet())
+        pipeline.run_pipeline(recipe(), run, quiet_console())
     assert "ZeroDivisionError" in (run.logs / "error.log").read_text()
     assert Manifest.load(run.manifest).stage("prepare")["status"] == "failed"
 
@@ -158,11 +154,11 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 def test_rerunning_one_stage_marks_later_stages_stale(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
-    pipeline.run_pipeline(recipe(), run, quiet())
-    pipeline.run_pipeline(recipe(), run, quiet(), only="train", force=True)
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    pipeline.run_pipeline(recipe(), run, quiet_console(), only="train", force=True)
     stages = Manifest.load(run.manifest).data["stages"]
     assert stages["prepare"]["status"] == "done" and stages["train"]["status"] == "done"
     assert all(stages[s]["status"] == "stale" for s in pipeline.STAGES[2:])
-    pipeline.run_pipeline(recipe(), run, quiet())  # redone without --force: they were out of date
+    pipeline.run_pipeline(recipe(), run, quiet_console())  # redone without --force: they were out of date
     assert calls(run) == list(pipeline.STAGES) + ["train"] + list(pipeline.STAGES[2:])
     assert all(s["status"] == "done" for s in Manifest.load(run.manifest).data["stages"].values())
