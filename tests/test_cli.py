@@ -69,19 +69,17 @@ def test_until_and_stage_are_exclusive(tmp_path):
     assert result.exit_code == 2 and "either --until or --stage" in result.output
 
 
-@pytest.mark.slow
-def test_run_whole_pipeline_then_rerun_skips(tiny_base, target_texts, write_corpus, tmp_path, monkeypatch):
-    """`cpt-kit run` on a tiny recipe: every stage done, outputs present, verify passed; a rerun
-    skips everything; a changed recipe is refused without --force."""
-    corpus = write_corpus(target_texts, "eo")
-    recipe = tmp_path / "tiny.py"
+def write_tiny_recipe(folder, name: str, base, corpus, data_extra: str = ""):
+    """A fast recipe file for the tiny base (hf backend, 8 steps, Q8_0 only)."""
+    recipe = folder / f"{name}.py"
+    data_extra = f", {data_extra}" if data_extra else ""
     recipe.write_text(textwrap.dedent(f"""\
-        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, Train
+        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, TokenizerExtension, Train
         RECIPE = Recipe(
-            name="tiny-cli",
-            model=Model(base={str(tiny_base)!r}, max_seq_length=64),
+            name={name!r},
+            model=Model(base={str(base)!r}, max_seq_length=64),
             lora=Lora(r=8, lora_alpha=16),
-            data=Data(sources=({str(corpus)!r},), heldout_fraction=0.1, min_train_blocks=4),
+            data=Data(sources=({str(corpus)!r},), heldout_fraction=0.1, min_train_blocks=4{data_extra}),
             train=Train(backend="hf", learning_rate=2e-3, embedding_learning_rate=5e-4, max_steps=8,
                         per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=4,
                         save_steps=4, warmup_ratio=0.0, gradient_checkpointing=False),
@@ -89,6 +87,14 @@ def test_run_whole_pipeline_then_rerun_skips(tiny_base, target_texts, write_corp
             export=Export(quantizations=("Q8_0",)),
         )
     """))
+    return recipe
+
+
+@pytest.mark.slow
+def test_run_whole_pipeline_then_rerun_skips(tiny_base, target_texts, write_corpus, tmp_path, monkeypatch):
+    """`cpt-kit run` on a tiny recipe: every stage done, outputs present, verify passed; a rerun
+    skips everything; a changed recipe is refused without --force."""
+    recipe = write_tiny_recipe(tmp_path, "tiny-cli", tiny_base, write_corpus(target_texts, "eo"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenVALUE")
     result = invoke("run", str(recipe))
@@ -120,23 +126,8 @@ def test_extended_vocabulary_goes_all_the_way_to_a_verified_gguf(tiny_base, targ
                                                                  monkeypatch):
     """New-language CPT with tokenizer extension: the grown vocabulary is trained, merged, converted,
     and llama.cpp tokenizes the held-out text exactly like the extended HF tokenizer."""
-    corpus = write_corpus(target_texts, "eo")
-    recipe = tmp_path / "ext.py"
-    recipe.write_text(textwrap.dedent(f"""\
-        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, TokenizerExtension, Train
-        RECIPE = Recipe(
-            name="ext",
-            model=Model(base={str(tiny_base)!r}, max_seq_length=64),
-            lora=Lora(r=8, lora_alpha=16),
-            data=Data(sources=({str(corpus)!r},), heldout_fraction=0.1, min_train_blocks=4,
-                      extend_tokenizer=TokenizerExtension(max_new_tokens=48, min_frequency=3)),
-            train=Train(backend="hf", learning_rate=2e-3, embedding_learning_rate=5e-4, max_steps=8,
-                        per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=4,
-                        save_steps=4, warmup_ratio=0.0, gradient_checkpointing=False),
-            eval=Eval(prompts=("La kato",), max_new_tokens=4, max_blocks=8),
-            export=Export(quantizations=("Q8_0",)),
-        )
-    """))
+    recipe = write_tiny_recipe(tmp_path, "ext", tiny_base, write_corpus(target_texts, "eo"),
+                               "extend_tokenizer=TokenizerExtension(max_new_tokens=48, min_frequency=3)")
     monkeypatch.chdir(tmp_path)
     result = invoke("run", str(recipe))
     assert result.exit_code == 0, result.output
