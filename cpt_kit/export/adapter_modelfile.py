@@ -35,12 +35,10 @@ def trained_full_modules(adapter: Path) -> list[str]:
 
 
 def base_dir(ctx) -> Path:
-    info = ctx.run.adapter / "cpt_kit_train.json"
-    if info.is_file():
-        base = json.loads(info.read_text(encoding="utf-8")).get("base")
-    else:
-        from cpt_kit.model_source import resolve_base
-        base = resolve_base(ctx.recipe.model)
+    from cpt_kit.model_source import resolve_base
+    from cpt_kit.train.stage import read_train_info
+
+    base = read_train_info(ctx.run.adapter, required=False).get("base") or resolve_base(ctx.recipe.model)
     if not base or not (Path(base) / "config.json").is_file():
         raise ExportError(f"the base model {base!r} is not a local model directory", where="export.adapter_modelfile",
                           hint="the ADAPTER Modelfile needs the original base on disk to convert it to GGUF")

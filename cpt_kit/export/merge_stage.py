@@ -11,22 +11,19 @@ import json
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
+from cpt_kit.export.verify_stage import heldout_texts
 from cpt_kit.rundir import atomic_path
+from cpt_kit.train.stage import read_train_info
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
 """Largest accepted |merged - PEFT| logit difference relative to the largest |PEFT logit|, by weight dtype."""
-
-
-def train_info(adapter_dir: Path) -> dict:
-    path = Path(adapter_dir) / "cpt_kit_train.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def resolve_merge_base(ctx) -> Path:
     """The ORIGINAL base weights: the base the train stage recorded, else the recipe's; hub ids are downloaded."""
     from cpt_kit.model_source import load_kwargs, resolve_base
 
-    base = train_info(ctx.run.adapter).get("base") or resolve_base(ctx.recipe.model)
+    base = read_train_info(ctx.run.adapter, required=False).get("base") or resolve_base(ctx.recipe.model)
     if Path(base).expanduser().exists():
         return Path(base).expanduser()
     from huggingface_hub import snapshot_download
@@ -94,19 +91,6 @@ def compare_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, ids) -> 
             "probe_tokens": int(ids.numel()), "check_device": device}
 
 
-def _heldout_texts(run) -> list[str]:
-    path = run.data / "heldout_texts.jsonl"
-    if not path.is_file():
-        return []
-    texts = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            if len(texts) == 2:
-                break
-    return texts
-
-
 def tokenizer_source(run, base: Path) -> Path:
     """The tokenizer training used: saved with the adapter, else the run's data/tokenizer, else the base's."""
     for candidate in (run.adapter, run.tokenizer):
@@ -121,7 +105,7 @@ def run(ctx) -> dict:
     run_dir = ctx.run
     if not (run_dir.adapter / "adapter_config.json").is_file():
         raise ExportError(f"no adapter in {run_dir.adapter}", where=str(run_dir.root), hint="run the train stage first")
-    info = train_info(run_dir.adapter)
+    info = read_train_info(run_dir.adapter, required=False)
     base = resolve_merge_base(ctx)
     if info.get("loaded_in_4bit"):
         ctx.log(f"the adapter was trained on a 4-bit base; merging onto the original 16-bit weights in {base}")
@@ -130,7 +114,7 @@ def run(ctx) -> dict:
     with atomic_path(run_dir.merged) as tmp:
         metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log)
         dtype = weight_dtype(tmp)
-        ids = probe_ids(tmp, metrics["vocab_size"] or info.get("vocab_size") or 2, _heldout_texts(run_dir))
+        ids = probe_ids(tmp, metrics["vocab_size"] or info.get("vocab_size") or 2, heldout_texts(run_dir, limit=2))
         check = compare_logits(base, run_dir.adapter, tmp, ids)
         check["tolerance"] = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
         check["dtype"] = dtype

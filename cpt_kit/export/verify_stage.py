@@ -32,11 +32,18 @@ def probe_blocks(tokenizer, texts: list[str], length: int, limit: int) -> list[l
 
 
 def heldout_texts(run, limit: int = 8) -> list[str]:
+    """The first `limit` held-out documents prepare wrote (none for a run without data/)."""
     path = run.data / "heldout_texts.jsonl"
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines[:limit] if line.strip()]
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                texts.append(json.loads(line)["text"])
+            if len(texts) == limit:
+                break
+    return texts
 
 
 def run(ctx) -> dict:

@@ -173,9 +173,13 @@ def _config_vocab(setup) -> int:
     return int(text.vocab_size)
 
 
-def read_train_info(adapter_dir: Path) -> dict[str, Any]:
-    """adapter/cpt_kit_train.json (what the evaluate and merge steps need to rebuild the base)."""
+def read_train_info(adapter_dir: Path, required: bool = True) -> dict[str, Any]:
+    """adapter/cpt_kit_train.json (what the evaluate and export steps need to rebuild the base).
+
+    With required=False a missing file (an adapter not trained by cpt-kit) gives {}."""
     path = Path(adapter_dir) / "cpt_kit_train.json"
     if not path.is_file():
+        if not required:
+            return {}
         raise TrainingError(f"{path} is missing", where=str(adapter_dir), hint="run the train stage first")
     return json.loads(path.read_text(encoding="utf-8"))
