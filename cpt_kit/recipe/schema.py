@@ -1,0 +1,243 @@
+"""The recipe schema: frozen, typed dataclasses with one docstring per field (LitGPT style).
+
+Field names follow TRL / transformers / PEFT where the mapping is one-to-one. A `Recipe` is
+validated when it is constructed (`cpt_kit.recipe.validate`), so a bad recipe fails before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
+               "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STAGES = ("prepare", "train", "evaluate", "merge", "gguf", "modelfile", "verify")
+
+
+@dataclass(frozen=True)
+class Model:
+    base: str
+    """Base model: a Hugging Face hub id, a local model directory, or a finished run directory."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use if not the base model's own (hub id or local directory)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the base model."""
+    load_in_4bit: bool = True
+    """Load the base in 4-bit (bitsandbytes NF4) for training. CUDA only: on CPU cpt-kit loads 16/32-bit and says so."""
+    max_seq_length: int = 2048
+    """Length of the packed training blocks and the model's training context."""
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """Weight dtype of the non-quantized parts; auto picks bf16 where supported, else fp16 (fp32 on CPU)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model repository. Off unless you trust the repository."""
+    hf_token_env: str = "HF_TOKEN"
+    """Name of the environment variable holding a hub token (the token itself never goes in a recipe)."""
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int = 128
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    use_rslora: bool = True
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Linear layers that get LoRA adapters (all linear layers of a Llama-style block by default)."""
+    train_embeddings: bool = True
+    """Also train embed_tokens and lm_head as full modules (needed to learn a new language)."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    sources: tuple[str, ...]
+    """General text mixed in against forgetting: files, directories, globs, JSONL/Parquet or hf:NAME."""
+    fraction: float = 0.1
+    """Share of the training tokens that come from the replay text."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/Parquet/dataset rows."""
+    heldout_fraction: float = 0.05
+    """Share of replay documents kept out of training to measure forgetting."""
+
+
+@dataclass(frozen=True)
+class TokenizerExtension:
+    max_new_tokens: int = 256
+    """Add at most this many new tokens."""
+    min_frequency: int = 5
+    """A candidate piece must occur at least this often in the corpus."""
+    min_subtokens: int = 3
+    """Only pieces the current tokenizer splits into at least this many tokens are candidates."""
+
+
+@dataclass(frozen=True)
+class Data:
+    sources: tuple[str, ...] = ()
+    """Corpus: text files, directories, globs, .jsonl/.parquet files, local dataset dirs or hf:NAME[:CONFIG]."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/Parquet/dataset rows."""
+    hf_split: str = "train"
+    """Split of a Hugging Face dataset source."""
+    streaming: bool = False
+    """Stream Hugging Face datasets instead of downloading them whole."""
+    max_documents: Optional[int] = None
+    """Stop reading after this many documents per source (useful with streaming)."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """Non-UTF-8 bytes: strict stops with the file and byte offset; replace substitutes U+FFFD."""
+    min_chars: int = 20
+    """Drop documents shorter than this after cleaning."""
+    max_chars: Optional[int] = None
+    """Drop documents longer than this after cleaning (None: no limit)."""
+    dedup_exact: bool = True
+    """Drop exact duplicate documents."""
+    dedup_near: bool = True
+    """Drop near-duplicate documents (MinHash LSH)."""
+    near_dup_threshold: float = 0.85
+    """Estimated Jaccard similarity above which two documents are near duplicates."""
+    heldout_fraction: float = 0.02
+    """Share of documents held out for evaluation (split by document, deterministic)."""
+    min_train_blocks: int = 8
+    """Fewest packed training blocks accepted; a smaller corpus is an error, not a 0-step run."""
+    seed: int = 0
+    """Seed of the held-out split and mixing."""
+    num_proc: int = 2
+    """Processes used to tokenize."""
+    replay: Optional[Replay] = None
+    """General text mixed into training against catastrophic forgetting."""
+    extend_tokenizer: Optional[TokenizerExtension] = None
+    """Add frequent, badly split corpus pieces to the vocabulary (new-language CPT)."""
+
+
+@dataclass(frozen=True)
+class Train:
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    """Training library: unsloth, hf (transformers+PEFT+TRL), or auto (unsloth when importable)."""
+    objective: Literal["cpt"] = "cpt"
+    """Training objective: cpt (causal LM on packed raw text)."""
+    learning_rate: float = 5e-5
+    """Learning rate of the LoRA adapters."""
+    embedding_learning_rate: Optional[float] = 5e-6
+    """Learning rate of embed_tokens/lm_head (usually 2-10x smaller); needs lora.train_embeddings."""
+    per_device_train_batch_size: int = 2
+    """Blocks per device per step."""
+    gradient_accumulation_steps: int = 8
+    """Steps accumulated per optimizer update."""
+    num_train_epochs: float = 1.0
+    """Passes over the training blocks (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use num_train_epochs)."""
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming up the learning rate."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    optim: str = "auto"
+    """Optimizer name as in transformers (auto: adamw_8bit on CUDA, adamw_torch on CPU)."""
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Mixed precision: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 1
+    """Log loss, lr, tokens/s and memory every N steps to logs/train.jsonl."""
+    eval_steps: int = 50
+    """Evaluate held-out loss every N steps (0: only at the end)."""
+    save_steps: int = 100
+    """Save a resumable checkpoint every N steps."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints."""
+    seed: int = 3407
+    """Training seed."""
+
+
+@dataclass(frozen=True)
+class Eval:
+    prompts: tuple[str, ...] = ()
+    """Fixed prompts generated from before and after training."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt (greedy)."""
+    max_blocks: Optional[int] = 256
+    """Evaluate perplexity on at most this many held-out blocks (None: all)."""
+
+
+@dataclass(frozen=True)
+class ModelfileSpec:
+    template: str = "auto"
+    """Chat template: auto (from the tokenizer's own template), none (plain completion), a family name from modelfiles/, or a file path."""
+    system: Optional[str] = None
+    """SYSTEM prompt written into the Modelfile."""
+    temperature: Optional[float] = None
+    """Sampling temperature (PARAMETER temperature)."""
+    top_p: Optional[float] = None
+    """Nucleus sampling (PARAMETER top_p)."""
+    top_k: Optional[int] = None
+    """Top-k sampling (PARAMETER top_k)."""
+    repeat_penalty: Optional[float] = None
+    """Repetition penalty (PARAMETER repeat_penalty)."""
+    num_ctx: Optional[int] = None
+    """Context window Ollama allocates (default: model.max_seq_length)."""
+    extra_stops: tuple[str, ...] = ()
+    """Stop strings added to those found in the tokenizer."""
+
+
+@dataclass(frozen=True)
+class Export:
+    outtype: Literal["f16", "bf16"] = "f16"
+    """Type of the unquantized GGUF the quantizations start from."""
+    quantizations: tuple[str, ...] = ("Q4_K_M", "Q8_0")
+    """llama.cpp quantization types to produce."""
+    modelfile_quant: Optional[str] = None
+    """Which GGUF the Modelfile's FROM points to (default: the first quantization)."""
+    modelfile: ModelfileSpec = field(default_factory=ModelfileSpec)
+    """Ollama Modelfile settings."""
+    adapter_modelfile: bool = False
+    """Also write a LoRA-adapter GGUF and a Modelfile with ADAPTER over the base GGUF."""
+    max_f16_ppl_delta: float = 0.01
+    """Verification fails if the F16 GGUF's perplexity differs from the HF model's by more than this share."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    """Run name: outputs go to runs/<name>/."""
+    model: Model
+    """Base model and how to load it."""
+    lora: Lora = field(default_factory=Lora)
+    """LoRA adapter settings."""
+    data: Data = field(default_factory=Data)
+    """Corpus and its preparation."""
+    train: Train = field(default_factory=Train)
+    """Training settings."""
+    eval: Eval = field(default_factory=Eval)
+    """Evaluation settings."""
+    export: Export = field(default_factory=Export)
+    """Merge, GGUF, quantization, Modelfile and verification settings."""
+
+    def __post_init__(self) -> None:
+        from cpt_kit.recipe.validate import validate_recipe
+        validate_recipe(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (tuples become lists), as stored in manifest.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a recipe dataclass (for `cpt-kit show --docs`)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
