@@ -21,6 +21,8 @@ SHAPES = {
     "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128256, True),
     "llama-3.2-3b": (3072, 28, 24, 8, 8192, 128256, True),
     "qwen2.5-0.5b-like": (896, 24, 14, 2, 4864, 151936, True),
+    # small enough to train on a CPU, large enough that model states outweigh the runtime (planner test)
+    "cpu-32k": (512, 4, 8, 8, 1408, 32000, False),
 }
 
 

@@ -167,5 +167,37 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
     print_summary(console, run, manifest)
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpu", "device_key", type=click.Choice(["t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100", "cpu"]),
+              help="Device to plan for (default: this machine's GPU, else a Colab T4).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="The base model's config.json, when it is neither local nor in the planner's table.")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (its prepared corpus sizes the time).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(recipe, device_key, overrides, config_path, output_dir, as_json):
+    """Estimate peak memory and training time of RECIPE on a device, from the model config only."""
+    import json
+
+    from cpt_kit.pipeline import default_run_dir
+    from cpt_kit.plan import describe, plan_recipe
+    from cpt_kit.plan.gpus import detected_device, device
+    from cpt_kit.plan.shapes import read_config
+
+    resolved = _load(recipe, overrides)
+    target = device(device_key) if device_key else (detected_device() or device("t4"))
+    shape = read_config(Path(config_path)) if config_path else None
+    result = plan_recipe(resolved, target, shape=shape, run_dir=default_run_dir(resolved, output_dir).root)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    console = _console()
+    for line in describe(result):
+        console.print(line)
+    if not result.fits:
+        sys.exit(3)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,124 @@
+"""Peak training memory and FLOPs of a LoRA run, from the model's shape alone.
+
+Memory (bytes), by part:
+- weights: block linear layers in 4-bit NF4 (0.5 byte + a fp32 absmax per 64 weights, itself
+  8-bit with double quantization: ~0.52 byte/param) or 16/32-bit; norms and embeddings stay 16-bit
+  (32-bit on CPU) either way;
+- trainable embed_tokens/lm_head (PEFT modules_to_save): an fp32 master copy, its fp32 gradient and
+  the optimizer's two states (1 byte each for 8-bit AdamW, 4 for torch AdamW), per trained matrix;
+  the frozen originals stay in the weights. Unsloth trains one matrix for a tied base; the hf
+  backend unties it into two;
+- LoRA A/B: fp32 weights, gradients and optimizer states;
+- activations: per token and layer the tensors autograd keeps for a Llama block with LoRA (norm
+  inputs/outputs, q/k/v, attention output, MLP gate/up/product), in the compute dtype; with
+  gradient checkpointing only each layer's input plus one layer's working set; on CPU the SDPA
+  math path also keeps the [heads, seq, seq] attention weights;
+- logits: [batch*seq, vocab] in 16-bit for Unsloth's fused chunked cross-entropy; the hf path
+  keeps an fp32 copy (the upcast, or on CPU the log-softmax) and an fp32 gradient: 8 bytes per
+  logit, which dominates for 128k-262k vocabularies.
+
+FLOPs per trained token: 2 per weight forward; backward 2 per frozen weight (input gradient only)
+and 4 per trainable weight (input and weight gradient); gradient checkpointing recomputes the
+blocks' forward once more; causal attention adds 2*seq*q_dim per layer forward (x3 with backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpt_kit.plan.shapes import ModelShape
+
+GIB = 2**30
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes + double-quantized absmax
+CUDA_CONTEXT_GIB = 0.6
+"""Memory the CUDA context and kernels take outside torch's allocator."""
+FRAGMENTATION = 1.10
+"""Allocator overhead on top of the peak of live tensors."""
+CPU_RUNTIME_GIB = 0.55
+"""Resident memory of a CPU training process before the model loads (Python with torch,
+transformers, peft, trl and datasets imported: 0.52 GiB measured on this project's CI machine)."""
+UTILISATION = {"unsloth": 0.26, "hf": 0.15}
+"""Share of the device's peak FLOPS reached in training. Measured on an H100 (BENCHMARKS.md:
+Llama-3.2-1B shape, 4-bit, r=128, seq 2048: 30,369 tokens/s Unsloth = 26%, 17,856 hf = 15%) and
+used for every GPU; on CPU both backends run plain PyTorch kernels."""
+CPU_UTILISATION = 0.35
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the estimate depends on besides the shape (derived from a recipe and a device)."""
+
+    batch_size: int
+    seq_len: int
+    r: int
+    targets: tuple[str, ...]
+    train_embeddings: bool
+    load_in_4bit: bool
+    gradient_checkpointing: bool
+    backend: str
+    """unsloth or hf."""
+    cuda: bool
+    eight_bit_optimizer: bool
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: dict[str, float]
+    """Bytes of each part at the peak."""
+    flops_per_token: float
+    trainable_params: int
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.parts.values())
+
+    def needed_gib(self, cuda: bool) -> float:
+        """What the device must have: peak tensors plus allocator and CUDA context (or, on CPU,
+        the process's runtime)."""
+        if cuda:
+            return self.peak_bytes * FRAGMENTATION / GIB + CUDA_CONTEXT_GIB
+        return self.peak_bytes / GIB + CPU_RUNTIME_GIB
+
+
+def trained_embedding_matrices(shape: ModelShape, s: Settings) -> int:
+    if not s.train_embeddings:
+        return 0
+    return 1 if shape.tied_embeddings and s.backend == "unsloth" else 2
+
+
+def estimate(shape: ModelShape, s: Settings) -> Estimate:
+    weight_bytes = 2 if s.cuda else 4
+    act_bytes = 2 if s.cuda else 4
+    opt_bytes = 2 if s.eight_bit_optimizer else 8
+    tokens = s.batch_size * s.seq_len
+    embeddings = shape.embedding_params * (1 if shape.tied_embeddings else 2)
+    linear = shape.block_linear_params * (NF4_BYTES_PER_PARAM if s.load_in_4bit else weight_bytes)
+    lora = shape.lora_params(s.r, s.targets)
+    n_embed = trained_embedding_matrices(shape, s)
+
+    h, i = shape.hidden_size, shape.intermediate_size
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    per_token_layer = (6 * h + 2 * q_dim + 2 * kv_dim + 4 * i) * act_bytes
+    attention_scores = 0 if s.cuda else s.batch_size * shape.num_heads * s.seq_len**2 * 4
+    layer = tokens * per_token_layer + attention_scores
+    if s.gradient_checkpointing:
+        activations = tokens * h * act_bytes * shape.num_layers + layer
+    else:
+        activations = layer * shape.num_layers
+    logit_bytes = (2 if s.cuda else 4) if s.backend == "unsloth" else 8
+
+    parts = {
+        "weights": linear + (embeddings + shape.norm_params) * weight_bytes,
+        "trainable embeddings": n_embed * shape.embedding_params * (4 + 4 + opt_bytes),
+        "lora": lora * (4 + 4 + opt_bytes),
+        "activations": activations,
+        "logits": tokens * shape.vocab_size * logit_bytes,
+    }
+    head = shape.embedding_params
+    blocks_fwd = 2 * (shape.block_linear_params + lora) + 2 * s.seq_len * q_dim * shape.num_layers
+    flops = (blocks_fwd + 2 * head                                  # forward
+             + 2 * shape.block_linear_params + 4 * lora            # backward, blocks
+             + 4 * s.seq_len * q_dim * shape.num_layers
+             + (4 if s.train_embeddings else 2) * head              # backward, lm_head
+             + (blocks_fwd if s.gradient_checkpointing else 0))    # recompute
+    return Estimate(parts, float(flops), lora + n_embed * shape.embedding_params)
