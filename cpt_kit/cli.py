@@ -181,9 +181,9 @@ def plan(recipe, device_key, overrides, config_path, output_dir, as_json):
     import json
 
     from cpt_kit.pipeline import default_run_dir
-    from cpt_kit.plan import describe, plan_recipe
-    from cpt_kit.plan.gpus import detected_device, device
-    from cpt_kit.plan.shapes import read_config
+    from cpt_kit.planner import describe, plan_recipe
+    from cpt_kit.planner.gpus import detected_device, device
+    from cpt_kit.planner.shapes import read_config
 
     resolved = _load(recipe, overrides)
     target = device(device_key) if device_key else (detected_device() or device("t4"))

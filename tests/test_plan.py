@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from cpt_kit.errors import RecipeError
-from cpt_kit.plan import plan_recipe, settings_for
-from cpt_kit.plan.estimate import Settings, estimate
-from cpt_kit.plan.gpus import DEVICES, Device
-from cpt_kit.plan.shapes import known_shape, shape_for_base
+from cpt_kit.planner import plan_recipe, settings_for
+from cpt_kit.planner.estimate import Settings, estimate
+from cpt_kit.planner.gpus import DEVICES, Device
+from cpt_kit.planner.shapes import known_shape, shape_for_base
 from cpt_kit.recipe import ALL_LINEAR, Lora, Model, Recipe, Train, apply_overrides, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_cli_plan_prints_a_verdict_and_json(tmp_path):
 def test_estimate_within_25_percent_of_a_measured_cpu_run(tmp_path, general_texts):
     """Train a model large enough that its states dominate the process (hidden 512, 4 layers, a 32k
     vocabulary) for 3 steps on CPU with the hf backend, in a fresh process; compare peak RSS."""
-    from cpt_kit.plan import settings_for
+    from cpt_kit.planner import settings_for
 
     script = REPO / "tests" / "plan_measure.py"
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)

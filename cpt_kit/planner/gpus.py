@@ -2,7 +2,7 @@
 
 Peak TFLOPS are the vendors' dense (no sparsity) fp16/bf16 tensor-core figures. Training never
 reaches them: the planner multiplies by a utilisation measured on a real run (see UTILISATION
-in cpt_kit.plan.estimate and BENCHMARKS.md).
+in cpt_kit.planner.estimate and BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpt_kit.plan.shapes import ModelShape
+from cpt_kit.planner.shapes import ModelShape
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes + double-quantized absmax

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt_kit.plan.estimate import CPU_UTILISATION, GIB, UTILISATION, Estimate, Settings, estimate
-from cpt_kit.plan.gpus import Device
-from cpt_kit.plan.shapes import ModelShape, shape_for_base
+from cpt_kit.planner.estimate import CPU_UTILISATION, GIB, UTILISATION, Estimate, Settings, estimate
+from cpt_kit.planner.gpus import Device
+from cpt_kit.planner.shapes import ModelShape, shape_for_base
 
 BYTES_PER_TOKEN = 4.0
 """Rough size of a token in UTF-8 text, used only when the corpus has not been prepared yet."""
