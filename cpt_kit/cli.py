@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from cpt_kit.errors import CptKitError
+from cpt_kit.pipeline import STAGES
 
-STAGE_CHOICE = click.Choice(["prepare", "train", "evaluate", "merge", "gguf", "modelfile", "verify"])
+STAGE_CHOICE = click.Choice(STAGES)
+EXPORT_STAGES = click.Choice(STAGES[STAGES.index("merge"):])
 
 
 def _console():
@@ -124,9 +126,6 @@ def show(recipe, overrides, docs):
     tree = Tree(f"[bold]Recipe[/bold] {resolved.name!r}  ({Path(recipe)})")
     add(tree, resolved)
     _console().print(tree)
-
-
-EXPORT_STAGES = click.Choice(["merge", "gguf", "modelfile", "verify"])
 
 
 @main.command()

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cpt_kit.errors import CptKitError
 from cpt_kit.rundir import atomic_write_json
 
 LIBRARIES = ("cpt-kit", "torch", "transformers", "peft", "trl", "datasets", "unsloth", "unsloth_zoo",
@@ -49,8 +50,19 @@ class Manifest:
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
+        """The manifest at `path` ({} when there is none); one that cannot be read is an error, never replaced."""
         path = Path(path)
-        data = json.loads(path.read_text()) if path.exists() else {}
+        data: Any = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CptKitError(f"the run's manifest cannot be read ({exc})", where=str(path),
+                                  hint=f"restore it from a backup, or move the run directory {path.parent} aside "
+                                       "and start a new run (cpt-kit does not replace it)") from None
+            if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+                raise CptKitError("the run's manifest is not a cpt-kit manifest (a JSON object with \"stages\")",
+                                  where=str(path), hint=f"move the run directory {path.parent} aside and start a new run")
         data.setdefault("stages", {})
         return cls(path, data)
 
@@ -60,19 +72,20 @@ class Manifest:
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].get(name, {})
 
-    def is_done(self, name: str, fp: str) -> bool:
-        entry = self.stage(name)
-        return entry.get("status") == "done" and entry.get("fingerprint") == fp
-
-    def start(self, name: str, fp: str) -> None:
+    def start(self, name: str, fp: str, basis: dict[str, Any]) -> None:
+        """Mark `name` running with its fingerprint and basis; the outputs its last finished run
+        recorded are kept until it finishes again."""
         previous = self.stage(name)
-        self.data["stages"][name] = {"status": "running", "fingerprint": fp, "started": _now(),
-                                     "attempts": previous.get("attempts", 0) + 1}
+        entry = {"status": "running", "fingerprint": fp, "started": _now(), "attempts": previous.get("attempts", 0) + 1,
+                 "basis": basis}
+        if "outputs" in previous:
+            entry["outputs"] = previous["outputs"]
+        self.data["stages"][name] = entry
         self.save()
 
-    def finish(self, name: str, metrics: dict[str, Any], seconds: float) -> None:
+    def finish(self, name: str, metrics: dict[str, Any], seconds: float, outputs: dict[str, dict]) -> None:
         entry = self.data["stages"][name]
-        entry.update(status="done", finished=_now(), seconds=round(seconds, 2), metrics=metrics)
+        entry.update(status="done", finished=_now(), seconds=round(seconds, 2), metrics=metrics, outputs=outputs)
         entry.pop("error", None)
         self.save()
 

@@ -1,9 +1,12 @@
-"""Runs the stages of a recipe in order into a run directory, skipping what is already done.
+"""Runs the stages of a recipe in order into a run directory, redoing only what changed.
 
-Each stage is a module with `run(ctx: StageContext) -> dict` (its metrics, stored in the
-manifest). A stage's fingerprint hashes the recipe sections it depends on, the fingerprint of
-the stage before it, and (optionally) `input_fingerprint(ctx)` from its module (content hashes
-of the corpus files, for example), so changing anything upstream re-runs what follows.
+STAGE_TABLE lists the stages. Each `Stage` declares the recipe fields it reads (`reads`, dotted
+keys; a section name covers all its fields), the run files of earlier stages it reads (`inputs`)
+and the run files it writes (`outputs`), as paths relative to the run directory (a directory
+means every file below it). A stage module has `run(ctx: StageContext) -> dict` (its metrics) and
+may have `input_fingerprint(ctx)` for what it reads outside the run (see cpt_kit.plan). When a
+stage finishes, the files it wrote under its outputs are recorded in the manifest (size + content
+hash); see docs/stage-contracts.md.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cpt_kit.errors import CptKitError
-from cpt_kit.manifest import Manifest, fingerprint, library_versions
-from cpt_kit.recipe import STAGES, Recipe
+from cpt_kit.file_records import file_record, stat_keys
+from cpt_kit.manifest import Manifest, library_versions
+from cpt_kit.plan import assess, dependents, providers, upstream
+from cpt_kit.recipe import Recipe
 from cpt_kit.rundir import RunDir, atomic_write_text
 
 
@@ -25,22 +30,40 @@ from cpt_kit.rundir import RunDir, atomic_write_text
 class Stage:
     name: str
     module: str
-    sections: tuple[str, ...]
-    """Recipe keys (dotted) whose values change this stage's output."""
+    reads: tuple[str, ...] = ()
+    """Recipe fields (dotted keys) the stage reads; a section name ("data") covers all its fields."""
+    inputs: tuple[str, ...] = ()
+    """Run files/directories written by earlier stages that the stage reads (relative to the run)."""
+    outputs: tuple[str, ...] = ()
+    """Run files/directories the stage writes (relative to the run); it must write them on every run."""
 
+
+MODEL_LOADING = ("model.base", "model.revision", "model.trust_remote_code", "model.hf_token_env")
+DATA_FILES = ("data/train", "data/heldout", "data/replay_heldout", "data/heldout_texts.jsonl", "data/tokenizer",
+              "data/tokenizer_extension.json", "data/stats.json")
+GGUF_NAMES = ("name", "export.outtype", "export.quantizations")
 
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage("prepare", "cpt_kit.data.prepare", ("model.base", "model.tokenizer", "model.revision",
-                                              "model.max_seq_length", "data")),
-    Stage("train", "cpt_kit.train.stage", ("model", "lora", "train")),
-    Stage("evaluate", "cpt_kit.evaluate", ("eval",)),
-    Stage("merge", "cpt_kit.export.merge_stage", ()),
-    Stage("gguf", "cpt_kit.export.gguf_stage", ("export.outtype", "export.quantizations")),
-    Stage("modelfile", "cpt_kit.export.modelfile_stage", ("export.modelfile", "export.modelfile_quant",
-                                                          "export.adapter_modelfile", "model.max_seq_length")),
-    Stage("verify", "cpt_kit.export.verify_stage", ("export",)),
+    Stage("prepare", "cpt_kit.data.prepare", reads=(*MODEL_LOADING, "model.tokenizer", "model.max_seq_length", "data"),
+          outputs=DATA_FILES),
+    Stage("train", "cpt_kit.train.stage", reads=("model", "lora", "train"),
+          inputs=("data/train", "data/heldout", "data/tokenizer", "data/tokenizer_extension.json"), outputs=("adapter",)),
+    Stage("evaluate", "cpt_kit.evaluate", reads=(*MODEL_LOADING, "eval.prompts", "eval.max_new_tokens", "eval.max_blocks"),
+          inputs=("adapter", "data/heldout", "data/replay_heldout", "data/tokenizer_extension.json"),
+          outputs=("eval/perplexity.json", "eval/samples.json")),
+    Stage("merge", "cpt_kit.export.merge_stage", reads=MODEL_LOADING,
+          inputs=("adapter", "data/tokenizer", "data/heldout_texts.jsonl"), outputs=("merged",)),
+    Stage("gguf", "cpt_kit.export.gguf_stage", reads=GGUF_NAMES, inputs=("merged",), outputs=("gguf",)),
+    Stage("modelfile", "cpt_kit.export.modelfile_stage",
+          reads=(*GGUF_NAMES, *MODEL_LOADING, "model.max_seq_length", "export.modelfile", "export.modelfile_quant",
+                 "export.adapter_modelfile"),
+          inputs=("gguf", "merged", "data/tokenizer", "adapter"), outputs=("ollama",)),
+    Stage("verify", "cpt_kit.export.verify_stage",
+          reads=(*GGUF_NAMES, "export.modelfile_quant", "export.max_f16_ppl_delta", "eval.max_blocks",
+                 "model.max_seq_length"),
+          inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl"), outputs=("verify.json",)),
 )
-assert tuple(s.name for s in STAGE_TABLE) == STAGES
+STAGES = tuple(s.name for s in STAGE_TABLE)
 
 
 @dataclass
@@ -67,29 +90,6 @@ class StageContext:
         return self._hardware
 
 
-def section_values(recipe: Recipe, keys: tuple[str, ...]) -> dict[str, Any]:
-    data = recipe.to_dict()
-    values = {}
-    for key in keys:
-        node: Any = data
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
-    return values
-
-
-def stage_fingerprints(ctx_factory: Callable[[], StageContext], stages: tuple[Stage, ...]) -> dict[str, str]:
-    ctx = ctx_factory()
-    fps: dict[str, str] = {}
-    previous = ""
-    for stage in stages:
-        module = importlib.import_module(stage.module)
-        extra = module.input_fingerprint(ctx) if hasattr(module, "input_fingerprint") else None
-        previous = fingerprint(stage.name, section_values(ctx.recipe, stage.sections), previous, extra)
-        fps[stage.name] = previous
-    return fps
-
-
 def select(until: str | None, only: str | None, start: str | None = None) -> tuple[Stage, ...]:
     """The stages to run: just `only`, or from `start` (default the first) through `until` (default the last)."""
     names = [s.name for s in STAGE_TABLE]
@@ -101,34 +101,52 @@ def select(until: str | None, only: str | None, start: str | None = None) -> tup
 
 
 @dataclass
-class Plan:
-    """What `run` will do: each stage with its fingerprint and whether it runs or is skipped."""
+class Step:
+    stage: Stage
+    action: str
+    """"run" or "skip"."""
+    reasons: list[str]
+    """Why it runs (empty when skipped)."""
+    needs_force: bool
+    """It redoes finished work because the recipe (or a file outside the run it reads) changed."""
 
-    steps: list[tuple[Stage, str, str]]  # (stage, fingerprint, "run" | "skip")
-    conflicts: list[str]
+
+@dataclass
+class Plan:
+    """What `run` will do: each selected stage, whether it runs, and why."""
+
+    steps: list[Step]
+
+    @property
+    def conflicts(self) -> list[str]:
+        return [s.stage.name for s in self.steps if s.needs_force]
 
 
 def make_plan(recipe: Recipe, run: RunDir, manifest: Manifest, console: Any,
               until: str | None = None, only: str | None = None, force: bool = False,
               start: str | None = None) -> Plan:
-    fps = stage_fingerprints(lambda: StageContext(recipe, run, manifest, console), STAGE_TABLE)
-    steps, conflicts = [], []
+    ctx = StageContext(recipe, run, manifest, console)
+    steps: list[Step] = []
+    running: set[str] = set()
     for stage in select(until, only, start):
-        fp = fps[stage.name]
-        entry = manifest.stage(stage.name)
-        if manifest.is_done(stage.name, fp) and not (force and only):
-            steps.append((stage, fp, "skip"))
-            continue
-        if entry.get("status") == "done" and not force:
-            conflicts.append(stage.name)
-        steps.append((stage, fp, "run"))
+        found = assess(stage, ctx)
+        reasons = list(found.reasons)
+        after = [p.name for p in providers(stage, STAGE_TABLE) if p.name in running]
+        if after and not reasons:
+            reasons.append(f"after {', '.join(after)}, if that changes what it reads")
+        if only and force and not reasons:
+            reasons.append("--stage with --force")
+        if reasons:
+            running.add(stage.name)
+        steps.append(Step(stage, "run" if reasons else "skip", reasons, found.recipe_changed and not force))
     if only:
-        names = [s.name for s in STAGE_TABLE]
-        for upstream in STAGE_TABLE[: names.index(only)]:
-            if not manifest.is_done(upstream.name, fps[upstream.name]):
-                raise CptKitError(f"stage {only!r} needs {upstream.name!r}, which is not done for this recipe",
-                                  where=str(run.root), hint=f"run with --until {only} instead of --stage {only}")
-    return Plan(steps, conflicts)
+        for needed in upstream(STAGE_TABLE[STAGES.index(only)], STAGE_TABLE):
+            missing = assess(needed, ctx).reasons
+            if missing:
+                raise CptKitError(f"stage {only!r} needs {needed.name!r}, which is not done for this recipe "
+                                  f"({'; '.join(missing)})", where=str(run.root),
+                                  hint=f"run with --until {only} instead of --stage {only}")
+    return Plan(steps)
 
 
 def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, force: bool) -> None:
@@ -144,18 +162,9 @@ def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, f
         raise CptKitError(f"{root} holds the run of recipe {old_name!r}, not {recipe.name!r}", where=str(root),
                           hint="choose another --output-dir, or pass --force to overwrite it")
     if plan.conflicts:
-        changed = _changed_keys(manifest.data.get("recipe", {}), recipe.to_dict())
-        raise CptKitError(
-            f"the recipe changed since stages {', '.join(plan.conflicts)} finished"
-            + (f" (changed: {', '.join(changed[:8])})" if changed else ""),
-            where=str(root), hint="pass --force to redo them (their outputs are replaced), or use another --output-dir")
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
+        why = "; ".join(f"{s.stage.name}: {', '.join(s.reasons)}" for s in plan.steps if s.needs_force)
+        raise CptKitError(f"finished stages would be redone ({why})", where=str(root),
+                          hint="pass --force to redo them (their outputs are replaced), or use another --output-dir")
 
 
 def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None = None,
@@ -168,50 +177,70 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
     run.root.mkdir(parents=True, exist_ok=True)
     manifest.data.update(recipe=recipe.to_dict(), versions=library_versions(), notes=list(notes or []))
     manifest.save()
-    for stage, fp, action in plan.steps:
-        if action == "skip":
+    for step in plan.steps:
+        stage = step.stage
+        ctx = StageContext(recipe, run, manifest, console, notes=list(notes or []))
+        found = assess(stage, ctx)  # again: a stage that ran just now may have rewritten its inputs
+        fp = found.basis.fingerprint
+        if not found.reasons and not (only and force):
             console.print(f"[dim]- {stage.name}: done already (fingerprint {fp}), skipped[/dim]")
             continue
         previous = manifest.stage(stage.name)
-        resume = previous.get("fingerprint") == fp and previous.get("status") in ("running", "failed")
-        ctx = StageContext(recipe, run, manifest, console, fp, resume, list(notes or []))
+        ctx.fingerprint = fp
+        ctx.resume = previous.get("fingerprint") == fp and previous.get("status") in ("running", "failed")
         console.rule(f"[bold]{stage.name}")
-        manifest.start(stage.name, fp)
-        started = time.perf_counter()
-        try:
-            metrics = importlib.import_module(stage.module).run(ctx)
-        except BaseException as exc:
-            message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
-            manifest.fail(stage.name, message, time.perf_counter() - started)
-            if not isinstance(exc, CptKitError):
-                atomic_write_text(run.logs / "error.log", traceback.format_exc())
-            raise
-        manifest.finish(stage.name, metrics or {}, time.perf_counter() - started)
-        _mark_downstream_stale(manifest, stage.name, {s.name for s, _, _ in plan.steps})
+        if found.reasons:
+            console.print(f"[dim]  runs because: {'; '.join(found.reasons)}[/dim]")
+        _run_stage(stage, ctx, found.basis.to_json(), previous.get("outputs", {}))
+        _mark_dependents_stale(manifest, stage, {s.stage.name for s in plan.steps})
     return manifest
 
 
-def _mark_downstream_stale(manifest: Manifest, name: str, planned: set[str]) -> None:
-    """A stage that ran again (e.g. `--stage train --force`) makes the finished stages after it,
-    which this run does not redo, out of date: mark them stale so the next run redoes them."""
-    names = [s.name for s in STAGE_TABLE]
+def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous_outputs: dict) -> None:
+    """Run one stage; on success record the files it wrote under its outputs (and remove the files an
+    earlier run of it recorded that it did not write again, when they are still as recorded)."""
+    run, manifest = ctx.run, ctx.manifest
+    manifest.start(stage.name, ctx.fingerprint, basis)
+    before = stat_keys(run.root, stage.outputs)
+    started = time.perf_counter()
+    try:
+        metrics = importlib.import_module(stage.module).run(ctx)
+    except BaseException as exc:
+        message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
+        manifest.fail(stage.name, message, time.perf_counter() - started)
+        if not isinstance(exc, CptKitError):
+            atomic_write_text(run.logs / "error.log", traceback.format_exc())
+        raise
+    written = sorted(rel for rel, key in stat_keys(run.root, stage.outputs).items() if before.get(rel) != key)
+    if stage.outputs and not written:
+        raise CptKitError(f"stage {stage.name!r} finished without writing any of {', '.join(stage.outputs)}",
+                          where=stage.module, hint="this is a bug in the stage; please report it")
+    for rel, record in previous_outputs.items():
+        path = run.root / rel
+        if rel not in written and path.is_file() and file_record(path) == record:
+            path.unlink()
+            ctx.log(f"removed {rel} (written by an earlier run of {stage.name}, not by this one)")
+    outputs = {rel: file_record(run.root / rel) for rel in written}
+    manifest.finish(stage.name, metrics or {}, time.perf_counter() - started, outputs)
+
+
+def _mark_dependents_stale(manifest: Manifest, stage: Stage, planned: set[str]) -> None:
+    """A stage that ran again (e.g. `--stage train --force`) makes the finished stages that depend on
+    it, and that this run does not redo, out of date: mark them stale so the next run redoes them."""
     changed = False
-    for later in names[names.index(name) + 1:]:
-        entry = manifest.stage(later)
-        if later not in planned and entry.get("status") == "done":
+    for later in dependents(stage, STAGE_TABLE):
+        entry = manifest.stage(later.name)
+        if later.name not in planned and entry.get("status") == "done":
             entry["status"] = "stale"
-            entry["stale_because"] = f"{name} ran again after it"
+            entry["stale_because"] = f"{stage.name} ran again after it"
             changed = True
     if changed:
         manifest.save()
 
 
 def describe_plan(plan: Plan) -> list[str]:
-    lines = []
-    for stage, fp, action in plan.steps:
-        verb = "run " if action == "run" else "skip"
-        lines.append(f"{verb} {stage.name:<10} fingerprint {fp}")
-    return lines
+    return [f"{step.action:<4} {step.stage.name:<10} " + ("; ".join(step.reasons) if step.reasons else "done, outputs intact")
+            for step in plan.steps]
 
 
 def default_run_dir(recipe: Recipe, output_dir: str | Path | None) -> RunDir:

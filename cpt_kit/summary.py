@@ -5,11 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cpt_kit.manifest import Manifest
-from cpt_kit.recipe import STAGES
 from cpt_kit.rundir import RunDir
-
-OUTPUTS = {"prepare": "data", "train": "adapter", "evaluate": "eval", "merge": "merged",
-           "gguf": "gguf", "modelfile": "ollama", "verify": "verify"}
 
 
 def _short(value: Any) -> str | None:
@@ -52,13 +48,16 @@ def _display(path) -> str:
 def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
     from rich.table import Table
 
+    from cpt_kit.pipeline import STAGE_TABLE
+
     table = Table(title=f"cpt-kit run: {_display(run.root)}", title_justify="left", expand=True)
     table.add_column("stage", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     table.add_column("key numbers", ratio=1)
-    outputs = []
-    for name in STAGES:
+    outputs: list[str] = []
+    for stage in STAGE_TABLE:
+        name = stage.name
         entry = manifest.stage(name)
         if not entry:
             continue
@@ -67,9 +66,11 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
         seconds = entry.get("seconds")
         table.add_row(name, f"[{colour}]{status}[/{colour}]", f"{seconds:.1f}s" if seconds is not None else "",
                       _first_line(entry.get("error", "")) if status == "failed" else headline_metrics(entry.get("metrics", {})))
-        output = getattr(run, OUTPUTS[name])
-        if status == "done" and output.exists():
-            outputs.append(output.name + ("/" if output.is_dir() else ""))
+        for top in dict.fromkeys(p.split("/")[0] for p in stage.outputs):
+            output = run.root / top
+            shown = top + ("/" if output.is_dir() else "")
+            if status == "done" and output.exists() and shown not in outputs:
+                outputs.append(shown)
     console.print(table)
     if outputs:
         console.print(f"outputs in {_display(run.root)}/: " + "  ".join(outputs))

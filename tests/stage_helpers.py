@@ -64,3 +64,50 @@ def base_tensors(model_dir: Path) -> dict:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+class RecordingRecipe:
+    """A read-only view of a recipe that records every field read as a dotted key ("eval.max_blocks").
+
+    Sections are wrapped too, so `recipe.model` passed to a helper still records what the helper reads."""
+
+    def __init__(self, obj, reads: set, prefix: str = ""):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_reads", reads)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name):
+        import dataclasses
+        value = getattr(self._obj, name)
+        key = self._prefix + name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return RecordingRecipe(value, self._reads, key + ".")
+        self._reads.add(key if not callable(value) else f"{self._prefix}* (method {name})")
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a recipe is read-only")
+
+
+def undeclared(reads: set, declared: tuple) -> list:
+    """Keys in `reads` that no declared key covers (a declared section covers all its fields)."""
+    return sorted(k for k in reads if not any(k == d or k.startswith(d + ".") for d in declared))
+
+
+def record_stage_reads(monkeypatch, table) -> dict:
+    """Wrap each stage module's run/input_fingerprint so ctx.recipe records reads; returns {stage: reads}."""
+    import dataclasses
+    import importlib
+
+    found: dict = {}
+    for stage in table:
+        module = importlib.import_module(stage.module)
+        reads = found.setdefault(stage.name, set())
+        for hook in ("run", "input_fingerprint"):
+            if hasattr(module, hook):
+                original = getattr(module, hook)
+
+                def wrapped(ctx, original=original, reads=reads):
+                    return original(dataclasses.replace(ctx, recipe=RecordingRecipe(ctx.recipe, reads)))
+                monkeypatch.setattr(module, hook, wrapped)
+    return found

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from cpt_kit.cli import main
-from cpt_kit.recipe import STAGES
+from cpt_kit.pipeline import STAGES
 
 
 def invoke(*args):

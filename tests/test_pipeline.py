@@ -6,6 +6,7 @@ the real stages are exercised end to end in the stage tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -21,16 +22,25 @@ from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json
 
 STAND_IN = textwrap.dedent("""\
     import json, os
+    from cpt_kit import pipeline
     from cpt_kit.errors import DataError
+    from cpt_kit.rundir import atomic_write_text
+
+    NAME = __name__.rsplit(".", 1)[1]
 
     def run(ctx):
         log = ctx.run.root / "calls.txt"
         with open(log, "a") as handle:
-            handle.write(__name__.rsplit(".", 1)[1] + "\\n")
-        if os.environ.get("FAIL_STAGE") == __name__.rsplit(".", 1)[1]:
+            handle.write(NAME + "\\n")
+        if os.environ.get("FAIL_STAGE") == NAME:
             raise DataError("corpus too small", where="corpus/", hint="add text")
-        if os.environ.get("CRASH_STAGE") == __name__.rsplit(".", 1)[1]:
+        if os.environ.get("CRASH_STAGE") == NAME:
             raise ZeroDivisionError("boom")
+        stage = next(s for s in pipeline.STAGE_TABLE if s.name == NAME)
+        names = os.environ.get(f"{NAME.upper()}_FILES", "out.txt").split(",")
+        for output in stage.outputs:  # its outputs depend on its fingerprint, as real outputs do
+            for path in ([ctx.run.root / output] if "." in output else [ctx.run.root / output / n for n in names]):
+                atomic_write_text(path, f"{NAME} {ctx.fingerprint}")
         return {"value": 1.5, "resume": ctx.resume}
 """)
 
@@ -43,7 +53,7 @@ def stand_in_stages(tmp_path, monkeypatch):
     table = []
     for stage in pipeline.STAGE_TABLE:
         (package / f"{stage.name}.py").write_text(STAND_IN)
-        table.append(pipeline.Stage(stage.name, f"fake_stages.{stage.name}", stage.sections))
+        table.append(dataclasses.replace(stage, module=f"fake_stages.{stage.name}"))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(pipeline, "STAGE_TABLE", tuple(table))
     yield
@@ -78,10 +88,11 @@ def test_until_and_stage(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
     pipeline.run_pipeline(recipe(), run, quiet_console(), until="train")
     assert calls(run) == ["prepare", "train"]
-    with pytest.raises(CptKitError, match="needs 'evaluate'"):
-        pipeline.run_pipeline(recipe(), run, quiet_console(), only="merge")
+    with pytest.raises(CptKitError, match="needs 'merge'.*not run yet"):
+        pipeline.run_pipeline(recipe(), run, quiet_console(), only="gguf")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), only="merge")  # needs train, not evaluate
     pipeline.run_pipeline(recipe(), run, quiet_console(), only="evaluate")
-    assert calls(run) == ["prepare", "train", "evaluate"]
+    assert calls(run) == ["prepare", "train", "merge", "evaluate"]
 
 
 def test_changed_recipe_refuses_to_redo_finished_stages_without_force(tmp_path, stand_in_stages):
@@ -162,3 +173,87 @@ def test_rerunning_one_stage_marks_later_stages_stale(tmp_path, stand_in_stages)
     pipeline.run_pipeline(recipe(), run, quiet_console())  # redone without --force: they were out of date
     assert calls(run) == list(pipeline.STAGES) + ["train"] + list(pipeline.STAGES[2:])
     assert all(s["status"] == "done" for s in Manifest.load(run.manifest).data["stages"].values())
+
+
+def test_eval_only_change_redoes_evaluate_and_nothing_else(tmp_path, stand_in_stages):
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    changed = apply_overrides(recipe(), ["eval.prompts=La kato"])
+    plan = pipeline.make_plan(changed, run, Manifest.load(run.manifest), quiet_console())
+    assert [s.stage.name for s in plan.steps if s.action == "run"] == ["evaluate"]
+    assert plan.conflicts == ["evaluate"] and "recipe changed: eval.prompts" in plan.steps[2].reasons
+    pipeline.run_pipeline(changed, run, quiet_console(), force=True)
+    assert calls(run) == list(pipeline.STAGES) + ["evaluate"]
+
+
+def test_export_change_keeps_training_and_names_the_field(tmp_path, stand_in_stages):
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    changed = apply_overrides(recipe(), ["export.quantizations=Q8_0"])
+    with pytest.raises(CptKitError, match="gguf: recipe changed: export.quantizations") as info:
+        pipeline.run_pipeline(changed, run, quiet_console())
+    assert "train" not in info.value.message and "--force" in info.value.hint
+    pipeline.run_pipeline(changed, run, quiet_console(), force=True)
+    # gguf's own field changed; modelfile and verify read it too; nothing before gguf reruns
+    assert calls(run)[len(pipeline.STAGES):] == ["gguf", "modelfile", "verify"]
+
+
+def test_outputs_are_recorded_and_a_missing_or_changed_output_is_redone(tmp_path, stand_in_stages):
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    outputs = Manifest.load(run.manifest).stage("gguf")["outputs"]
+    assert list(outputs) == ["gguf/out.txt"]
+    assert outputs["gguf/out.txt"]["size"] == (run.root / "gguf/out.txt").stat().st_size
+    assert len(outputs["gguf/out.txt"]["sha256"]) == 64
+
+    (run.root / "gguf/out.txt").unlink()
+    plan = pipeline.make_plan(recipe(), run, Manifest.load(run.manifest), quiet_console())
+    gguf = next(s for s in plan.steps if s.stage.name == "gguf")
+    assert gguf.action == "run" and gguf.reasons == ["outputs gguf/out.txt is missing"] and not plan.conflicts
+    pipeline.run_pipeline(recipe(), run, quiet_console())  # no --force needed: the output was broken
+    # gguf wrote the same file again, so modelfile and verify (which read it) stay done
+    assert calls(run)[len(pipeline.STAGES):] == ["gguf"]
+
+    text = (run.root / "merged/out.txt").read_text()
+    (run.root / "merged/out.txt").write_text(text[: len(text) // 2])
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    assert calls(run)[len(pipeline.STAGES) + 1:] == ["merge"]
+    (run.root / "merged/out.txt").write_text(text.upper())  # same size, other content
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    assert calls(run)[len(pipeline.STAGES) + 2:] == ["merge"]
+
+
+def test_changed_input_file_redoes_the_stages_that_read_it(tmp_path, stand_in_stages):
+    """An adapter replaced by hand (as `cpt-kit export --adapter` does with a new adapter) redoes
+    everything that reads adapter/, without --force, and nothing else."""
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    manifest = Manifest.load(run.manifest)
+    manifest.data["stages"]["train"]["status"] = "external"  # an adapter cpt-kit did not train
+    manifest.save()
+    (run.root / "adapter/out.txt").write_text("another adapter")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    # evaluate, merge and modelfile read adapter/; gguf and verify read what merge wrote from it
+    assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "gguf", "modelfile", "verify"]
+
+
+def test_outputs_an_earlier_run_wrote_are_replaced_user_files_kept(tmp_path, stand_in_stages, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    monkeypatch.setenv("GGUF_FILES", "a.gguf,b.gguf")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    (run.root / "gguf/mine.gguf").write_text("the user's")
+    monkeypatch.setenv("GGUF_FILES", "a.gguf")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), only="gguf", force=True)
+    assert sorted(p.name for p in (run.root / "gguf").iterdir()) == ["a.gguf", "mine.gguf"]
+    assert list(Manifest.load(run.manifest).stage("gguf")["outputs"]) == ["gguf/a.gguf"]
+    assert (run.root / "gguf/mine.gguf").read_text() == "the user's"
+
+
+def test_unreadable_manifest_is_reported_not_replaced(tmp_path, stand_in_stages):
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    run.manifest.write_text('{"stages": {"prepare": {"status": "do')
+    with pytest.raises(CptKitError) as info:
+        pipeline.run_pipeline(recipe(), run, quiet_console())
+    assert str(run.manifest) in info.value.render() and "move the run directory" in info.value.hint
+    assert run.manifest.read_text() == '{"stages": {"prepare": {"status": "do'

@@ -17,7 +17,6 @@ from cpt_kit.manifest import Manifest
 from cpt_kit.recipe import Lora, Model, Recipe, apply_overrides, recipe_from_dict
 from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json
 
-EXTERNAL_STAGES = ("prepare", "train", "evaluate")
 
 
 def recipe_of_run(run_dir: Path, overrides: Iterable[str] = ()) -> Recipe:
@@ -63,7 +62,9 @@ def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir) -> None:
             data = json.loads(info.read_text()) if info.is_file() else {}
             data.update(base=recipe.model.base, external=True, source=str(adapter_dir))
             atomic_write_json(info, data)
+    from cpt_kit.pipeline import STAGES
+
     manifest = Manifest.load(run.manifest)
-    for stage in EXTERNAL_STAGES:
+    for stage in STAGES[: STAGES.index("merge")]:
         manifest.data["stages"].setdefault(stage, {"status": "external", "source": str(adapter_dir)})
     manifest.save()

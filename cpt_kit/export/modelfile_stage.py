@@ -11,6 +11,9 @@ from pathlib import Path
 from cpt_kit.errors import ExportError
 from cpt_kit.rundir import RunDir, atomic_write_text
 
+SMOKE_PROMPT = "Hello"
+"""What `ollama run` is asked once the model is created (not an eval prompt: editing those must not redo this stage)."""
+
 
 def tokenizer_dir(run: RunDir) -> Path:
     """merged/ when it has a tokenizer, else data/tokenizer (the tokenizer training used)."""
@@ -89,6 +92,5 @@ def run(ctx) -> dict:
     if recipe.export.adapter_modelfile:
         from cpt_kit.export.adapter_modelfile import write_adapter_modelfile
         metrics["adapter_modelfile"] = write_adapter_modelfile(ctx, mf)
-    prompt = recipe.eval.prompts[0] if recipe.eval.prompts else "Hello"
-    metrics.update(publish(path, ollama_name(recipe.name), prompt, ctx.log))
+    metrics.update(publish(path, ollama_name(recipe.name), SMOKE_PROMPT, ctx.log))
     return metrics

@@ -9,11 +9,11 @@ A recipe module builds a `Recipe` and binds it to `RECIPE`; `load_recipe(path)` 
     overrides.py  `--set key=value` parsing
 """
 
-from cpt_kit.recipe.schema import (ALL_LINEAR, QUANT_TYPES, STAGES, Data, Eval, Export, Lora, Model,
+from cpt_kit.recipe.schema import (ALL_LINEAR, QUANT_TYPES, Data, Eval, Export, Lora, Model,
                                    ModelfileSpec, Recipe, Replay, TokenizerExtension, Train, field_docs)
 from cpt_kit.recipe.load import load_recipe, recipe_from_dict
 from cpt_kit.recipe.overrides import apply_overrides, parse_value
 
-__all__ = ["ALL_LINEAR", "QUANT_TYPES", "STAGES", "Data", "Eval", "Export", "Lora", "Model", "ModelfileSpec",
+__all__ = ["ALL_LINEAR", "QUANT_TYPES", "Data", "Eval", "Export", "Lora", "Model", "ModelfileSpec",
            "Recipe", "Replay", "TokenizerExtension", "Train", "apply_overrides", "field_docs", "load_recipe",
            "parse_value", "recipe_from_dict"]

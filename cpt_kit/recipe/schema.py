@@ -17,7 +17,6 @@ from typing import Any, Literal, Optional
 QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
                "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STAGES = ("prepare", "train", "evaluate", "merge", "gguf", "modelfile", "verify")
 
 
 @dataclass(frozen=True)
