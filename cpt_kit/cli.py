@@ -198,5 +198,17 @@ def plan(recipe, device_key, overrides, config_path, output_dir, as_json):
         sys.exit(3)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--no-html", is_flag=True, help="Write report.md and the plots only.")
+def report(run_dir, no_html):
+    """(Re)write RUN_DIR/report.md, report.html and report/*.png from the run's files alone."""
+    from cpt_kit.report import write_report
+    from cpt_kit.rundir import RunDir
+
+    path = write_report(RunDir(Path(run_dir)), html=not no_html)
+    click.echo(f"wrote {path}" + ("" if no_html else f" and {path.with_suffix('.html')}"))
+
+
 if __name__ == "__main__":
     main()
