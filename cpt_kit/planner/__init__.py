@@ -194,3 +194,22 @@ def _duration(hours: float) -> str:
     if hours < 1 / 60:
         return f"{hours * 3600:.0f} s"
     return f"{hours * 60:.0f} min" if hours < 2 else f"{hours:.1f} h"
+
+
+def check_fits_this_gpu(recipe, run_dir: Path | None) -> str | None:
+    """Before `cpt-kit run` loads anything on a GPU: raise if the plan says the run cannot fit this
+    GPU (with the changes that would make it fit), else return a one-line estimate. None on CPU."""
+    from cpt_kit.errors import CptKitError
+    from cpt_kit.planner.gpus import detected_device
+
+    gpu = detected_device()
+    if gpu is None:
+        return None
+    plan = plan_recipe(recipe, gpu, run_dir=run_dir)
+    if not plan.fits:
+        advice = "; or ".join(f"--set {a.change}" for a in plan.advice) or "a smaller model or a larger GPU"
+        raise CptKitError(f"this run needs about {plan.needed_gib:.1f} GiB and {gpu.name} has {gpu.memory_gib:.1f} GiB "
+                          "(`cpt-kit plan` shows the breakdown)", where="model / lora / train",
+                          hint=f"it fits with {advice}; or pass --skip-plan-check to try anyway")
+    time = f", ~{_duration(plan.hours)} of training" if plan.hours is not None else ""
+    return f"plan: about {plan.needed_gib:.1f} of {gpu.memory_gib:.1f} GiB on {gpu.name}{time}"
