@@ -46,6 +46,9 @@ def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
     chat template the special-token texts are only informational: Ollama sends raw prompts, which
     do not contain special tokens.
     """
+    from cpt_kit.bos import runner_prompt
+    from cpt_kit.export.chat_template import render
+
     texts = [t[:max_chars] for t in list(heldout_texts)[:max_docs] if t.strip()]
     texts += list(LANGUAGE_PROBES)
     specials = [t for t in tokenizer.all_special_tokens if t]
@@ -59,9 +62,6 @@ def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
                 {"role": "user", "content": "Kiel vi fartas hodiaŭ?"},
                 {"role": "assistant", "content": "Bone, dankon! Kaj vi?"},
                 {"role": "user", "content": "Ankaŭ bone."}]
-    from cpt_kit.bos import runner_prompt
-    from cpt_kit.export.chat_template import render
-
     try:
         rendered = render(tokenizer, messages)
     except Exception:  # templates without a system role
