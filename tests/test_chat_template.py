@@ -107,6 +107,17 @@ def test_refusals_say_what_to_do(bpe_tokenizer_dir):
         inspect_tokenizer(model_tokenizer(bpe_tokenizer_dir, "mistral-nemo-instruct-2407"))
 
 
+def test_template_bos_the_tokenizer_does_not_add_is_refused(bpe_tokenizer_dir):
+    """Gemma's template writes <bos>; if its tokenizer did not add BOS, Ollama's prompt would lack it."""
+    tok = model_tokenizer(bpe_tokenizer_dir, "gemma-3-it")
+    from tokenizers import processors
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert not adds_bos(tok)
+    with pytest.raises(ExportError, match="does not add BOS") as info:
+        inspect_tokenizer(tok)
+    assert "add_bos_token" in info.value.hint
+
+
 def test_role_marker_bos_is_not_a_bos(bpe_tokenizer_dir):
     """SmolLM2: bos_token is <|im_start|> and the tokenizer adds none: no BOS note, nothing stripped."""
     tok = model_tokenizer(bpe_tokenizer_dir, "smollm2-instruct")

@@ -136,6 +136,13 @@ def detect_family(tokenizer: Any) -> str:
     for name in FAMILIES:
         if matches_family(tokenizer, name, default):
             return name
+    if starts_with_bos(tokenizer, render(tokenizer, PROBES["one_turn"])) and not adds_bos(tokenizer):
+        raise ExportError(
+            f"the chat template writes bos_token {tokenizer.bos_token!r} but the tokenizer does not add BOS itself, "
+            "so the GGUF says add_bos_token=false and Ollama's prompt (its TEMPLATE never writes BOS) would start "
+            "without it", where=WHERE,
+            hint='set "add_bos_token": true in the tokenizer (tokenizer_config.json) before training, or give '
+                 "export.modelfile.template a file whose TEMPLATE writes it")
     raise ExportError(
         "the tokenizer's chat template renders like none of the known families "
         f"({', '.join(FAMILIES)}) on cpt-kit's probe conversations", where=WHERE,
