@@ -56,8 +56,8 @@ GPT2_VOCAB = "models/ggml-vocab-gpt-2.gguf"
 """GPT-2's vocabulary and merges, as llama.cpp's own tokenizer tests ship them (in the same sdist as the converter)."""
 
 
-def byte_level_bpe_tokenizer(texts: Optional[list[str]] = None, *, vocab_size: int = 1000, gguf_vocab: Optional[Path] = None,
-                             specials: tuple[str, ...] = ("<|endoftext|>",)):
+def byte_level_bpe_tokenizer(texts: Optional[list[str]] = None, *, vocab_size: int = 1000,
+                             gguf_vocab: Optional[Path] = None, specials: tuple[str, ...] = ("<|endoftext|>",)):
     """A byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen style), built offline with `tokenizers`.
 
     With `texts`: trained on them (`vocab_size`), GPT-2's pre-tokenizer regex. llama.cpp's converter
@@ -95,7 +95,7 @@ def byte_level_bpe_tokenizer(texts: Optional[list[str]] = None, *, vocab_size: i
     tok.decoder = decoders.ByteLevel()
     first = specials[0]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=first, eos_token=first, unk_token=first)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials[1:]]})
+    fast.add_special_tokens({"additional_special_tokens": list(specials[1:])})
     return fast
 
 

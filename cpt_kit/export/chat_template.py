@@ -174,7 +174,7 @@ def _bos_notes(tokenizer: Any) -> list[str]:
 def inspect_tokenizer(tokenizer: Any, choice: str = "auto", eos_ids: tuple[int, ...] = ()) -> ChatTemplateInfo:
     """Pick the TEMPLATE for `tokenizer` (choice: auto, none, a family name, or a template file path)."""
     text = jinja_text(tokenizer)
-    if choice == "none" or (choice == "auto" and not text):
+    if choice in ("none", "completion") or (choice == "auto" and not text):
         stops = [tokenizer.eos_token] if tokenizer.eos_token else []
         return ChatTemplateInfo("completion", COMPLETION_TEMPLATE, stops)
     if choice == "auto":

@@ -61,7 +61,7 @@ def run(ctx) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cpt_kit.export import verify
-    from cpt_kit.export.chat_template import expected_prompt, jinja_text
+    from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
 
@@ -100,7 +100,7 @@ def run(ctx) -> dict:
         f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%})" for n, f in checks["perplexity"]["formats"].items()))
 
     modelfile = written_modelfile(run_dir)
-    if jinja_text(tokenizer) and modelfile.template and "{{ .Prompt }}" != modelfile.template:
+    if jinja_text(tokenizer) and modelfile.template not in (None, COMPLETION_TEMPLATE):
         checks["chat_template"] = verify.check_chat_template(tokenizer, modelfile.template, modelfile.system)
         if "skipped" in checks["chat_template"]:
             ctx.log(f"chat template: Go-render comparison skipped: {checks['chat_template']['skipped']}")
