@@ -113,6 +113,25 @@ def test_stage_writes_modelfile_from_chat_tokenizer(tiny_chatml, tiny_recipe, tm
     assert metrics["commands"][0] in ctx.console.text and metrics["commands"][1] in ctx.console.text
 
 
+def test_system_for_a_template_that_rejects_system_is_refused(tiny_chatml, tiny_recipe, tmp_path, no_ollama):
+    """Gemma-2-it's real template raises on a system message: a recipe SYSTEM is refused up front."""
+    import real_chat_templates
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export import modelfile_stage
+    from cpt_kit.rundir import RunDir
+
+    run = make_run(tmp_path / "run", tiny_chatml)
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = real_chat_templates.GEMMA_2_IT
+    mf, info = modelfile_stage.build_modelfile(recipe_for(tiny_recipe, tiny_chatml), RunDir(run), tok, "x.gguf")
+    assert info.family == "gemma" and mf.system is None
+    with pytest.raises(ExportError, match="rejects a system message") as error:
+        modelfile_stage.build_modelfile(recipe_for(tiny_recipe, tiny_chatml, system="Sis."), RunDir(run), tok, "x.gguf")
+    assert error.value.where == "export.modelfile.system"
+
+
 def test_base_model_gets_completion_template_and_chosen_quant(tiny_base, tiny_recipe, tmp_path, no_ollama):
     from cpt_kit.export import modelfile_stage
 
