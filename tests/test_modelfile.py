@@ -42,7 +42,7 @@ def test_values_round_trip_through_python_and_go_parsers(name):
     text = render(mf)
     back = parse(text)
     assert (back.system, back.template, back.params("stop")) == (value, value, ["<|im_end|>", value])
-    go = ollama_go.parse(text)  # Ollama's ParseFile, compiled from tests/go
+    go = ollama_go.parse(text)  # Ollama's ParseFile, compiled from cpt_kit/export/ollama_go
     assert go == parse_commands(text)
     assert ("system", value) in go and ("template", value) in go
 
