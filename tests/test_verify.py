@@ -208,3 +208,43 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
     assert "space_after_special_token" not in [d["kind"] for d in informational]  # legacy spacing matches
     assert any("no chat template" in w for w in report["warnings"])
     assert abs(metrics["ppl_delta_F16"]) < 1e-3
+
+
+def test_verify_smollm2_style_chat_model_on_byte_level_bpe(tiny_bpe, target_texts, tiny_recipe, tmp_path):
+    """A byte-level BPE chat model whose bos_token is the role marker <|im_start|> and whose tokenizer adds
+    no BOS (SmolLM2): nothing is stripped from its prompts, no BOS note, the TEMPLATE renders like its real
+    chat template (default system prompt as SYSTEM) in Go, and <|im_end|> stops generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import real_chat_templates
+    from cpt_kit.export import verify_stage
+
+    model_dir = tmp_path / "smol"
+    tok = AutoTokenizer.from_pretrained(tiny_bpe)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.bos_token, tok.eos_token = "<|im_start|>", "<|im_end|>"
+    tok.chat_template = real_chat_templates.SMOLLM2_INSTRUCT
+    tok.save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_bpe, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = None, tok.eos_token_id
+    model.save_pretrained(model_dir)
+
+    run = make_run(tmp_path / "run", model_dir)
+    write_heldout(run, model_dir, target_texts, n_blocks=3)
+    export_ggufs(model_dir, run)
+    recipe = recipe_for(tiny_recipe, model_dir)
+    mf = write_modelfile(run, recipe)
+    assert mf.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert mf.params("stop") == ["<|im_end|>"]
+    metrics = verify_stage.run(context(recipe, run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and metrics["chat_template_go_render"] == "identical"
+    tokenizer_check = report["checks"]["tokenizer"]
+    assert tokenizer_check["hf_add_bos"] is False and tokenizer_check["gguf_add_bos"] is False
+    assert tokenizer_check["mismatched"] == 0
+    stop = report["checks"]["stop"]
+    assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
+    assert stop["forced"]["finish_reason"] == "stop"
