@@ -210,15 +210,16 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
     assert abs(metrics["ppl_delta_F16"]) < 1e-3
 
 
+
+
 def test_verify_smollm2_style_chat_model_on_byte_level_bpe(tiny_bpe, target_texts, tiny_recipe, tmp_path):
     """A byte-level BPE chat model whose bos_token is the role marker <|im_start|> and whose tokenizer adds
-    no BOS (SmolLM2): nothing is stripped from its prompts, no BOS note, the TEMPLATE renders like its real
-    chat template (default system prompt as SYSTEM) in Go, and <|im_end|> stops generation."""
+    no BOS (SmolLM2): nothing is stripped from its prompts, the default system prompt becomes SYSTEM, the
+    TEMPLATE renders like its real chat template in Go, and <|im_end|> stops generation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import real_chat_templates
-    from cpt_kit.export import verify_stage
 
     model_dir = tmp_path / "smol"
     tok = AutoTokenizer.from_pretrained(tiny_bpe)
@@ -232,19 +233,38 @@ def test_verify_smollm2_style_chat_model_on_byte_level_bpe(tiny_bpe, target_text
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = None, tok.eos_token_id
     model.save_pretrained(model_dir)
 
+    report, mf = verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, "<|im_end|>", add_bos=False)
+    assert mf.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_verify_llama32_template_with_bos_and_date_header(tiny_llama3, target_texts, tiny_recipe, tmp_path):
+    """The real Llama-3.2 template on a tokenizer that adds BOS: the template's BOS is left to the runner (once),
+    and the TEMPLATE writes the "Cutting Knowledge Date" header even without a system message."""
+    import real_chat_templates
+
+    model_dir = shutil.copytree(tiny_llama3, tmp_path / "llama32")
+    (model_dir / "chat_template.jinja").write_text(real_chat_templates.LLAMA_3_2_INSTRUCT, encoding="utf-8")
+    report, mf = verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, "<|eot_id|>", add_bos=True)
+    assert mf.system is None and "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in mf.template
+
+
+def verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, eos: str, add_bos: bool):
+    """Export `model_dir`, write its Modelfile, run verify; the checks every chat model must pass."""
+    from cpt_kit.export import verify_stage
+
     run = make_run(tmp_path / "run", model_dir)
     write_heldout(run, model_dir, target_texts, n_blocks=3)
     export_ggufs(model_dir, run)
     recipe = recipe_for(tiny_recipe, model_dir)
     mf = write_modelfile(run, recipe)
-    assert mf.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert mf.params("stop") == ["<|im_end|>"]
+    assert mf.params("stop") == [eos]
     metrics = verify_stage.run(context(recipe, run))
     report = json.loads((run / "verify.json").read_text())
     assert report["passed"] and metrics["chat_template_go_render"] == "identical"
     tokenizer_check = report["checks"]["tokenizer"]
-    assert tokenizer_check["hf_add_bos"] is False and tokenizer_check["gguf_add_bos"] is False
+    assert tokenizer_check["hf_add_bos"] is add_bos and tokenizer_check["gguf_add_bos"] is add_bos
     assert tokenizer_check["mismatched"] == 0
     stop = report["checks"]["stop"]
-    assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
+    assert stop["eot_tokens"][eos]["is_eog"] and not stop["double_bos"]
     assert stop["forced"]["finish_reason"] == "stop"
+    return report, mf
