@@ -20,8 +20,4 @@ def render(template: str, messages: list[dict], system: str = "") -> str:
 
 def parse(modelfile_text: str) -> list[tuple[str, str]]:
     _need_go()
-    from cpt_kit.errors import ExportError
-    try:
-        return ollama_render.parse(modelfile_text)
-    except ExportError as error:
-        raise ValueError(str(error)) from error
+    return ollama_render.parse(modelfile_text)
