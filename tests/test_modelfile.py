@@ -109,7 +109,7 @@ def test_stage_writes_modelfile_from_chat_tokenizer(tiny_chatml, tiny_recipe, tm
     modelfile = (run / "ollama" / "Modelfile").resolve()
     assert metrics["ollama"] == "not_found"
     assert metrics["commands"][0] == f"ollama create tiny -f {modelfile}"
-    assert metrics["commands"][1] == "ollama run tiny 'La kato'"
+    assert metrics["commands"][1] == f"ollama run tiny {modelfile_stage.SMOKE_PROMPT}"
     assert metrics["commands"][0] in ctx.console.text and metrics["commands"][1] in ctx.console.text
 
 
@@ -168,7 +168,7 @@ def test_fake_ollama_on_path_is_called_with_the_right_args(tiny_llama3, tiny_rec
     fake_gguf(run)
     metrics = modelfile_stage.run(context(recipe_for(tiny_recipe, tiny_llama3), run))
     modelfile = (run / "ollama" / "Modelfile").resolve()
-    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", "run tiny La kato"]
+    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", f"run tiny {modelfile_stage.SMOKE_PROMPT}"]
     assert metrics["ollama"] == "created" and metrics["sample"] == "Saluton, mi estas Kato."
     mf = parse(modelfile.read_text(encoding="utf-8"))
     assert mf.params("stop") == ["<|eot_id|>"] and "<|start_header_id|>" in mf.template
