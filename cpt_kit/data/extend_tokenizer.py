@@ -309,11 +309,12 @@ def _check_base(tokenizer, proto, path: Path) -> None:
 def special_token_flags(tokenizer) -> dict:
     """{"add_bos_token", "add_eos_token"} as the tokenizer behaves (transformers 5's attributes may
     say False while tokenizer.json's post-processor adds BOS)."""
+    from cpt_kit.bos import adds_bos
+
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     extra = len(with_special) > len(plain)
-    return {"add_bos_token": bool(extra and tokenizer.bos_token_id is not None
-                                  and with_special[0] == tokenizer.bos_token_id),
+    return {"add_bos_token": adds_bos(tokenizer),
             "add_eos_token": bool(extra and tokenizer.eos_token_id is not None
                                   and with_special[-1] == tokenizer.eos_token_id)}
 

@@ -46,10 +46,9 @@ def special_ids(tokenizer) -> tuple[Optional[int], int]:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token, so document ends cannot be marked",
                         where="model.tokenizer", hint="use a tokenizer with an eos_token (set model.tokenizer)")
-    probe = tokenizer("a")["input_ids"]
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-    return (bos if adds_bos else None), tokenizer.eos_token_id
+    from cpt_kit.bos import adds_bos
+
+    return (tokenizer.bos_token_id if adds_bos(tokenizer) else None), tokenizer.eos_token_id
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -1,32 +1,41 @@
-"""What the tokenizer's own chat template is: its family, its end-of-turn tokens, its default system prompt.
+"""What the tokenizer's own chat template is: its family, its end-of-turn tokens, its default system
+prompt, and the prompt Ollama must build for a conversation.
 
-The family is read from the Jinja text and the tokenizer's special tokens, never from the model's
-hub name: a fine-tune of "Llama" with a ChatML template is ChatML. Each family has an Ollama
-TEMPLATE in `modelfiles/<family>.tmpl` (package `cpt_kit.modelfiles`).
+The family is found by rendering, never from names or substrings: probe conversations are rendered
+with the tokenizer's chat template and with each family's real template (cpt_kit.export.chat_families)
+for the same tokenizer, and the family whose prompts are identical (as the llama.cpp runner receives
+them, see cpt_kit.bos) wins. A template that inserts a default system prompt is compared with that
+text as the system message (it becomes the Modelfile's SYSTEM). A fine-tune of "Llama" with a ChatML
+template is ChatML; Phi-4 (ChatML with <|im_sep|>) is not ChatML; Llama-2 (<<SYS>>) is not Mistral.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+from cpt_kit.bos import adds_bos, runner_prompt, starts_with_bos
 from cpt_kit.errors import ExportError
+from cpt_kit.export.chat_families import FAMILIES, RENDER_KWARGS, family as get_family, fill_template
 
-# family -> markers that must all appear in the Jinja text (checked in this order).
-FAMILY_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    ("chatml", ("<|im_start|>", "<|im_end|>")),
-    ("gemma", ("<start_of_turn>", "<end_of_turn>")),
-    ("phi3", ("<|assistant|>", "<|end|>")),
-    ("mistral", ("[INST]", "[/INST]")),
-)
-# Token strings that end a turn in the families above (used only when the tokenizer knows them).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-FAMILIES = tuple(name for name, _ in FAMILY_MARKERS) + ("completion",)
-_SENTINEL = "\x00CPTKIT-SYSTEM\x00"
+WHERE = "export.modelfile.template"
+COMPLETION_TEMPLATE = "{{ .Prompt }}"
+"""Ollama's own default TEMPLATE: the raw prompt, for models without a chat template."""
+_SENTINEL = "CPTKIT_SYSTEM_SENTINEL"
+SYSTEM = {"role": "system", "content": "Vi respondas \"mallonge\" kaj ĝentile."}
+PROBES = {
+    "one_turn": [{"role": "user", "content": "Saluton! Kiel vi fartas?"}],
+    "multi_turn": [{"role": "user", "content": "Kio estas Esperanto?"},
+                   {"role": "assistant", "content": "Planlingvo de 1887."},
+                   {"role": "user", "content": "Kiu kreis ĝin?\nDiru mallonge."}],
+    "system_multi_turn": [SYSTEM, {"role": "user", "content": "Saluton"},
+                          {"role": "assistant", "content": "Saluton! Kiel mi helpu?"},
+                          {"role": "user", "content": "Rakontu {{ .Prompt }} ŝercon."}],
+}
+"""Conversations the family detection and verify's Go-render check use (no leading/trailing spaces in
+contents: several real templates trim them and Ollama's TEMPLATE cannot)."""
 
 
 @dataclass
@@ -34,15 +43,13 @@ class ChatTemplateInfo:
     """The outcome of inspecting a tokenizer for the Modelfile."""
 
     family: str
-    """chatml, llama3, gemma, phi3, mistral, completion, or "file" for a user-supplied template."""
+    """A family of chat_families, "completion" (no chat template), or "file" (a user-supplied TEMPLATE)."""
     template: str
     """The Ollama (Go text/template) TEMPLATE text."""
     stops: list[str]
     """End-of-turn strings, one `PARAMETER stop` each."""
     default_system: Optional[str] = None
     """A system prompt the Jinja inserts when the conversation has none (becomes SYSTEM)."""
-    bos_in_template: bool = False
-    """True when the Jinja writes bos_token itself (Ollama's runner adds BOS instead)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,62 +60,18 @@ def jinja_text(tokenizer: Any) -> Optional[str]:
     return template or None
 
 
-def detect_family(template_text: Optional[str]) -> str:
-    """The family whose markers all appear in the Jinja text."""
-    if not template_text:
-        return "completion"
-    for family, markers in FAMILY_MARKERS:
-        if all(m in template_text for m in markers):
-            return family
-    raise ExportError(
-        "the tokenizer's chat template matches none of the known families "
-        f"({', '.join(FAMILIES[:-1])})", where="export.modelfile.template",
-        hint="set export.modelfile.template to a family name or to a file with an Ollama Go TEMPLATE "
-             "that renders like the tokenizer's chat template")
+def render(tokenizer: Any, messages: list[dict], chat_template: Optional[str] = None, **kwargs) -> str:
+    """apply_chat_template as text with the generation prompt (and cpt-kit's fixed date for Llama-3.1+)."""
+    kwargs.setdefault("add_generation_prompt", True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                         **RENDER_KWARGS, **kwargs)
 
 
-def load_template(family: str) -> str:
-    """The TEMPLATE text of a family (a file in cpt_kit.modelfiles), without the file's final newline."""
+def _try_render(tokenizer: Any, messages: list[dict], chat_template: Optional[str] = None) -> Optional[str]:
     try:
-        text = resources.files("cpt_kit.modelfiles").joinpath(f"{family}.tmpl").read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError):
-        text = (Path(__file__).resolve().parents[2] / "modelfiles" / f"{family}.tmpl").read_text(encoding="utf-8")
-    return text.rstrip("\n")
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether tokenizer(text) puts BOS first (transformers 5 no longer exposes add_bos_token reliably)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
-def special_tokens(tokenizer: Any) -> set[str]:
-    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    tokens.update(str(t) for t in decoder.values() if getattr(t, "special", False))
-    return tokens
-
-
-def end_of_turn_tokens(tokenizer: Any, template_text: Optional[str], eos_ids: tuple[int, ...] = ()) -> list[str]:
-    """eos, every eos id of the generation config, and each known end-of-turn token the tokenizer
-    has as a special token and its chat template writes."""
-    stops: list[str] = []
-    if tokenizer.eos_token:
-        stops.append(tokenizer.eos_token)
-    for token_id in eos_ids:
-        token = tokenizer.convert_ids_to_tokens(int(token_id))
-        if token:
-            stops.append(token)
-    known = special_tokens(tokenizer)
-    for token in END_OF_TURN_TOKENS:
-        if token in known and (template_text is None or token in template_text):
-            stops.append(token)
-    return list(dict.fromkeys(stops))
-
-
-def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+        return render(tokenizer, messages, chat_template)
+    except Exception:  # the template rejects this conversation (e.g. raise_exception on a system role)
+        return None
 
 
 def default_system_prompt(tokenizer: Any) -> Optional[str]:
@@ -117,51 +80,124 @@ def default_system_prompt(tokenizer: Any) -> Optional[str]:
     Renders [system=SENTINEL, user] and [user]; if the second equals the first with some text in
     place of SENTINEL, that text is the default system prompt.
     """
-    user = {"role": "user", "content": "Saluton!"}
-    try:
-        with_system = render(tokenizer, [{"role": "system", "content": _SENTINEL}, user])
-        without = render(tokenizer, [user])
-    except Exception:  # templates that reject a system role have no default to find
-        return None
-    if _SENTINEL not in with_system or with_system.replace(_SENTINEL, "") == without:
+    user = PROBES["one_turn"][0]
+    with_system = _try_render(tokenizer, [{"role": "system", "content": _SENTINEL}, user])
+    without = _try_render(tokenizer, [user])
+    if with_system is None or without is None or _SENTINEL not in with_system \
+            or with_system.replace(_SENTINEL, "") == without:
         return None
     before, after = with_system.split(_SENTINEL, 1)
     match = re.fullmatch(re.escape(before) + "(.*?)" + re.escape(after), without, flags=re.DOTALL)
     return match.group(1) if match and match.group(1) else None
 
 
+def with_system(messages: list[dict], system: Optional[str]) -> list[dict]:
+    """The conversation as Ollama sends it to the TEMPLATE: SYSTEM first unless it starts with a system message."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + list(messages)
+    return list(messages)
+
+
+def expected_prompt(tokenizer: Any, messages: list[dict], system: Optional[str] = None) -> Optional[str]:
+    """The prompt text Ollama must build for `messages` with Modelfile SYSTEM `system`: the HF chat
+    template's rendering, as the runner receives it (no BOS it adds itself). None if HF rejects it."""
+    text = _try_render(tokenizer, with_system(messages, system))
+    return None if text is None else runner_prompt(tokenizer, text)
+
+
+def _family_prompt(tokenizer: Any, name: str, messages: list[dict]) -> Optional[str]:
+    """What the family's TEMPLATE renders for `messages`, computed from its Jinja (TEMPLATEs never write BOS)."""
+    jinja = FAMILIES[name].jinja
+    text = _try_render(tokenizer, messages, jinja)
+    if text is not None and "bos_token" in jinja and tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]
+    return text
+
+
+def matches_family(tokenizer: Any, name: str, default_system: Optional[str]) -> bool:
+    """True when the tokenizer's template and family `name` give the same runner prompt on every probe
+    conversation the tokenizer's template accepts (at least one)."""
+    compared = 0
+    for messages in PROBES.values():
+        expected = expected_prompt(tokenizer, messages)
+        if expected is None:
+            continue
+        if _family_prompt(tokenizer, name, with_system(messages, default_system)) != expected:
+            return False
+        compared += 1
+    return compared > 0
+
+
+def detect_family(tokenizer: Any) -> str:
+    """The family whose real template renders like the tokenizer's own ("completion" without one)."""
+    if not jinja_text(tokenizer):
+        return "completion"
+    default = default_system_prompt(tokenizer)
+    for name in FAMILIES:
+        if matches_family(tokenizer, name, default):
+            return name
+    if starts_with_bos(tokenizer, render(tokenizer, PROBES["one_turn"])) and not adds_bos(tokenizer):
+        raise ExportError(
+            f"the chat template writes bos_token {tokenizer.bos_token!r} but the tokenizer does not add BOS itself, "
+            "so the GGUF says add_bos_token=false and Ollama's prompt (its TEMPLATE never writes BOS) would start "
+            "without it", where=WHERE,
+            hint='set "add_bos_token": true in the tokenizer (tokenizer_config.json) before training, or give '
+                 "export.modelfile.template a file whose TEMPLATE writes it")
+    raise ExportError(
+        "the tokenizer's chat template renders like none of the known families "
+        f"({', '.join(FAMILIES)}) on cpt-kit's probe conversations", where=WHERE,
+        hint="set export.modelfile.template to a family name, or to a file with an Ollama Go TEMPLATE "
+             "that renders like the tokenizer's chat template (verify compares the two)")
+
+
+def end_of_turn_tokens(tokenizer: Any, family_name: str, eos_ids: tuple[int, ...] = ()) -> list[str]:
+    """The one definition of end-of-turn tokens (Modelfile stops and verify's stop check): eos_token,
+    every eos id of the generation config, and the family's stop tokens the vocabulary has as a single
+    added token (special or not)."""
+    stops: list[str] = [tokenizer.eos_token] if tokenizer.eos_token else []
+    stops += [t for t in (tokenizer.convert_ids_to_tokens(int(i)) for i in eos_ids) if t]
+    added = {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    added.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    if family_name in FAMILIES:
+        stops += [t for t in FAMILIES[family_name].stop_tokens if t in added]
+    return list(dict.fromkeys(stops))
+
+
+def _bos_notes(tokenizer: Any) -> list[str]:
+    probe = render(tokenizer, PROBES["one_turn"])
+    if adds_bos(tokenizer) and not starts_with_bos(tokenizer, probe):
+        return ["the tokenizer adds BOS but its chat template does not write it: llama.cpp/Ollama put BOS "
+                "before chat prompts, apply_chat_template(tokenize=True) does not"]
+    return []
+
+
 def inspect_tokenizer(tokenizer: Any, choice: str = "auto", eos_ids: tuple[int, ...] = ()) -> ChatTemplateInfo:
     """Pick the TEMPLATE for `tokenizer` (choice: auto, none, a family name, or a template file path)."""
     text = jinja_text(tokenizer)
-    notes: list[str] = []
-    if choice == "auto":
-        family = detect_family(text)
-    elif choice == "none":
-        family = "completion"
-    elif choice in FAMILIES:
-        family = choice
-    elif Path(choice).is_file():
-        family = "file"
-    else:
-        raise ExportError(f"unknown chat template {choice!r}", where="export.modelfile.template",
-                          hint=f"use auto, none, one of {', '.join(FAMILIES)}, or the path of a template file")
-    template = Path(choice).read_text(encoding="utf-8").rstrip("\n") if family == "file" else load_template(family)
-    template = template.replace("@@eos_token@@", tokenizer.eos_token or "").replace(
-        "@@bos_token@@", tokenizer.bos_token or "")
-    if family == "completion":
+    if choice in ("none", "completion") or (choice == "auto" and not text):
         stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-        return ChatTemplateInfo(family, template, stops, notes=notes)
-    stops = end_of_turn_tokens(tokenizer, text, eos_ids)
-    bos_in_template = False
-    if text:
-        probe = render(tokenizer, [{"role": "user", "content": "Saluton!"}])
-        bos_in_template = bool(tokenizer.bos_token) and probe.startswith(tokenizer.bos_token)
-        bos_added = adds_bos(tokenizer)
-        if bos_in_template and not bos_added:
-            notes.append("the chat template writes bos_token but the tokenizer does not add BOS: "
-                         "Ollama's prompt will have no BOS")
-        if bos_added and not bos_in_template and tokenizer.bos_token:
-            notes.append("the tokenizer adds BOS but its chat template does not write it: llama.cpp/Ollama "
-                         "put BOS before chat prompts, apply_chat_template(tokenize=True) does not")
-    return ChatTemplateInfo(family, template, stops, default_system_prompt(tokenizer) if text else None,
-                            bos_in_template, notes)
+        return ChatTemplateInfo("completion", COMPLETION_TEMPLATE, stops)
+    if choice == "auto":
+        name = detect_family(tokenizer)
+    elif choice in FAMILIES:
+        name = choice
+    elif Path(choice).is_file():
+        name = "file"
+    else:
+        raise ExportError(f"unknown chat template {choice!r}", where=WHERE,
+                          hint=f"use auto, none, one of {', '.join(FAMILIES)}, or the path of a template file")
+    if name == "file":
+        template = Path(choice).read_text(encoding="utf-8").rstrip("\n")
+    else:
+        go_template = get_family(name).go_template
+        if go_template is None:
+            raise ExportError(
+                f"the chat template is the {name} family, for which cpt-kit has no Ollama TEMPLATE that renders "
+                "identically", where=WHERE,
+                hint="write an Ollama Go TEMPLATE for it into a file and set export.modelfile.template to that path "
+                     "(verify compares its rendering with the chat template)")
+        template = go_template
+    template = fill_template(template, tokenizer)
+    notes = _bos_notes(tokenizer) if text else []
+    return ChatTemplateInfo(name, template, end_of_turn_tokens(tokenizer, name, eos_ids),
+                            default_system_prompt(tokenizer) if text else None, notes)

@@ -49,11 +49,17 @@ def _number(value) -> str:
 
 def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
     """(Modelfile, ChatTemplateInfo) for `recipe`; `from_path` is relative to run.ollama."""
-    from cpt_kit.export.chat_template import inspect_tokenizer
+    from cpt_kit.export.chat_template import PROBES, expected_prompt, inspect_tokenizer, jinja_text
     from cpt_kit.export.modelfile import Modelfile
 
     spec = recipe.export.modelfile
     info = inspect_tokenizer(tokenizer, spec.template, eos_ids(tokenizer_dir(run)))
+    if spec.system and info.family != "completion" and jinja_text(tokenizer) \
+            and expected_prompt(tokenizer, PROBES["one_turn"], spec.system) is None:
+        raise ExportError("the chat template rejects a system message, so the model never saw one in training; "
+                          "Ollama would still send SYSTEM to it", where="export.modelfile.system",
+                          hint="leave export.modelfile.system unset for this model (or put the text in the first "
+                               "user message of your prompts)")
     params = [("stop", s) for s in dict.fromkeys([*info.stops, *spec.extra_stops])]
     for name in ("temperature", "top_p", "top_k", "repeat_penalty"):
         if getattr(spec, name) is not None:

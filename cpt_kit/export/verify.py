@@ -5,6 +5,9 @@
   on held-out documents, target-language probes and special-token / chat-template texts.
 - perplexity: token-weighted perplexity of the same held-out token blocks for the HF model and
   every GGUF (llama.cpp evaluates the ids with logits_all); F16 must be within max_f16_ppl_delta.
+- chat_template (chat models): the Modelfile TEMPLATE, rendered by Go's text/template as Ollama does
+  (SYSTEM prepended), gives the same prompt as the tokenizer's chat template on several
+  conversations; skipped, and said so, without a Go toolchain.
 - stop (chat models): every end-of-turn token is an end-of-generation (EOG) token in the GGUF
   vocabulary, and greedy generation from a rendered chat prompt halts exactly when it is produced
   (forced by a logits processor after a few free tokens, because a tiny or CPT-only model need
@@ -43,6 +46,9 @@ def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
     chat template the special-token texts are only informational: Ollama sends raw prompts, which
     do not contain special tokens.
     """
+    from cpt_kit.bos import runner_prompt
+    from cpt_kit.export.chat_template import render
+
     texts = [t[:max_chars] for t in list(heldout_texts)[:max_docs] if t.strip()]
     texts += list(LANGUAGE_PROBES)
     specials = [t for t in tokenizer.all_special_tokens if t]
@@ -57,12 +63,10 @@ def probe_texts(tokenizer, heldout_texts: Sequence[str], max_docs: int = 8,
                 {"role": "assistant", "content": "Bone, dankon! Kaj vi?"},
                 {"role": "user", "content": "Ankaŭ bone."}]
     try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = render(tokenizer, messages)
     except Exception:  # templates without a system role
-        rendered = tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
-    if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
-        rendered = rendered[len(tokenizer.bos_token):]  # the tokenizer adds BOS itself
-    return texts + special_texts + [rendered], []
+        rendered = render(tokenizer, messages[1:])
+    return texts + special_texts + [runner_prompt(tokenizer, rendered)], []
 
 
 def _compare(tokenizer, llm, text: str, add_bos: bool) -> Optional[dict]:
@@ -87,9 +91,9 @@ def _compare(tokenizer, llm, text: str, add_bos: bool) -> Optional[dict]:
 def check_tokenizer(tokenizer, gguf: Path, texts: Sequence[str], informational: Sequence[str] = ()) -> dict:
     from llama_cpp import Llama
 
-    from cpt_kit.export.chat_template import adds_bos
-
     from llama_cpp._utils import suppress_stdout_stderr
+
+    from cpt_kit.bos import adds_bos
 
     with suppress_stdout_stderr(disable=False):  # "n_ctx_train (0)" note of a vocab-only load
         llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
@@ -125,6 +129,34 @@ def leading_space_quirk(tokenizer, text: str, hf: list[int], gg: list[int], star
         else:
             return False
     return i == len(gg) and j == len(hf) and skipped > 0
+
+
+def check_chat_template(tokenizer, template: str, system: Optional[str]) -> dict:
+    """Ollama's prompt (Go text/template over TEMPLATE, SYSTEM prepended) == the HF chat template's
+    prompt (as the runner receives it) on the probe conversations the HF template accepts."""
+    from cpt_kit.export import ollama_render
+    from cpt_kit.export.chat_template import PROBES, expected_prompt
+
+    if not ollama_render.available():
+        return {"passed": True, "skipped": ollama_render.NO_GO}
+    compared, mismatches = [], []
+    for name, messages in PROBES.items():
+        expected = expected_prompt(tokenizer, messages, system)
+        if expected is None:
+            continue
+        got = ollama_render.render(template, messages, system or "")
+        compared.append(name)
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            mismatches.append({"conversation": name, "first_difference": first,
+                               "ollama": got[max(0, first - 40):first + 80],
+                               "chat_template": expected[max(0, first - 40):first + 80]})
+    result = {"passed": bool(compared) and not mismatches, "conversations": compared, "mismatches": mismatches,
+              "system": system}
+    if not compared:
+        result["reason"] = ("the chat template rejects every probe conversation with the Modelfile's SYSTEM (it does "
+                            "not accept a system message): remove export.modelfile.system")
+    return result
 
 
 def hf_perplexity(model, blocks: list[list[int]], batch_size: int = 4) -> float:

@@ -46,14 +46,24 @@ def heldout_texts(run, limit: int = 8) -> list[str]:
     return texts
 
 
+def written_modelfile(run_dir):
+    """ollama/Modelfile as Ollama reads it (TEMPLATE, SYSTEM, the stops): what verify checks."""
+    from cpt_kit.export.modelfile import parse
+
+    path = run_dir.ollama / "Modelfile"
+    if not path.is_file():
+        raise VerificationError(f"{path} does not exist", where=str(run_dir.root), hint="run the modelfile stage first")
+    return parse(path.read_text(encoding="utf-8"))
+
+
 def run(ctx) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cpt_kit.export import verify
-    from cpt_kit.export.chat_template import end_of_turn_tokens, jinja_text
+    from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
-    from cpt_kit.export.modelfile_stage import chosen_quant, eos_ids, tokenizer_dir
+    from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
 
     recipe, run_dir = ctx.recipe, ctx.run
     files = gguf_files(run_dir, recipe)
@@ -89,15 +99,17 @@ def run(ctx) -> dict:
     ctx.log("perplexity: HF {:.4g}; ".format(hf) + ", ".join(
         f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%})" for n, f in checks["perplexity"]["formats"].items()))
 
-    if jinja_text(tokenizer):
-        stops = end_of_turn_tokens(tokenizer, jinja_text(tokenizer), eos_ids(tok_dir))
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Saluton! Kiel vi fartas?"}],
-                                               tokenize=False, add_generation_prompt=True)
-        if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
-            prompt = prompt[len(tokenizer.bos_token):]
-        checks["stop"] = verify.check_stop(files.get(chosen_quant(recipe), files[reference]), prompt,
-                                           [s for s in stops if s in tokenizer.all_special_tokens],
-                                           n_threads=threads)
+    modelfile = written_modelfile(run_dir)
+    if jinja_text(tokenizer) and modelfile.template not in (None, COMPLETION_TEMPLATE):
+        checks["chat_template"] = verify.check_chat_template(tokenizer, modelfile.template, modelfile.system)
+        if "skipped" in checks["chat_template"]:
+            ctx.log(f"chat template: Go-render comparison skipped: {checks['chat_template']['skipped']}")
+        else:
+            ctx.log(f"chat template: Ollama's TEMPLATE renders {len(checks['chat_template']['conversations'])} "
+                    f"conversations {'identically' if checks['chat_template']['passed'] else 'DIFFERENTLY'}")
+        prompt = expected_prompt(tokenizer, [{"role": "user", "content": "Saluton! Kiel vi fartas?"}], modelfile.system)
+        checks["stop"] = verify.check_stop(files.get(chosen_quant(recipe), files[reference]), prompt or "",
+                                           modelfile.params("stop"), n_threads=threads)
 
     summary = verify.summarize(checks)
     warnings = checks["perplexity"].pop("warnings")
@@ -108,6 +120,8 @@ def run(ctx) -> dict:
     for diff in checks["tokenizer"]["informational_mismatches"]:
         warnings.append(f"text with special tokens tokenizes differently in llama.cpp ({diff['kind']}): "
                         f"{diff['text'][:60]!r} (not a failure: this model has no chat template)")
+    if "skipped" in checks.get("chat_template", {}):
+        warnings.append(f"the Modelfile TEMPLATE was not compared with the chat template: {checks['chat_template']['skipped']}")
     if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop":
         warnings.append(f"greedy generation did not end its turn by itself within "
                         f"{checks['stop']['natural']['bound']} tokens (expected for an untrained chat model)")
@@ -131,6 +145,14 @@ def run(ctx) -> dict:
                 d = c["formats"][reference]["delta"]
                 reasons.append(f"perplexity: {reference} differs from HF by {d:+.3%} "
                                f"(limit {c['max_delta']:.3%})" if math.isfinite(d) else "perplexity: not finite")
+            elif name == "chat_template":
+                if c.get("reason"):
+                    reasons.append(f"chat template: {c['reason']}")
+                else:
+                    m = c["mismatches"][0]
+                    reasons.append(f"chat template: Ollama's TEMPLATE renders {m['conversation']} differently from "
+                                   f"the tokenizer's chat template (Ollama {m['ollama']!r} vs {m['chat_template']!r}); "
+                                   "set export.modelfile.template to a matching family or file")
             else:
                 reasons.append(f"stop: end-of-turn handling failed ({json.dumps(c.get('forced'))})")
         raise VerificationError("; ".join(reasons), where=str(run_dir.verify),
@@ -142,4 +164,6 @@ def run(ctx) -> dict:
                "warnings": warnings, "headline": ["passed", "ppl_hf", f"ppl_{reference}"]}
     if "stop" in checks:
         metrics["stop_natural"] = checks["stop"]["natural"]["finish_reason"]
+    if "chat_template" in checks:
+        metrics["chat_template_go_render"] = "skipped" if "skipped" in checks["chat_template"] else "identical"
     return metrics
