@@ -74,7 +74,8 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
         raise click.UsageError("use either --until or --stage, not both")
     console = _console()
     resolved = _load(recipe, overrides)
-    notes = check_recipe_against_hardware(resolved, detect())
+    hardware = detect()
+    notes = check_recipe_against_hardware(resolved, hardware)
     run_dir = default_run_dir(resolved, output_dir)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
@@ -89,7 +90,7 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
         return
     from cpt_kit.train.backend import preload
     _quiet_library_loggers()
-    preload(resolved.train.backend)  # Unsloth must patch transformers before anything imports it
+    preload(resolved.train.backend, hardware.device)  # Unsloth must patch transformers before anything imports it
     try:
         manifest = run_pipeline(resolved, run_dir, console, until=until, only=only, force=force, notes=notes)
     except CptKitError:

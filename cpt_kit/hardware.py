@@ -63,3 +63,10 @@ def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
 
 def use_4bit(recipe: Recipe, hw: Hardware) -> bool:
     return recipe.model.load_in_4bit and hw.device == "cuda"
+
+
+def use_gradient_checkpointing(recipe: Recipe, hw: Hardware) -> bool:
+    """train.gradient_checkpointing resolved: auto is on with a GPU (memory is the limit there) and
+    off on CPU, where it only adds recomputation (bench/train.py: hf+gc vs hf)."""
+    setting = recipe.train.gradient_checkpointing
+    return hw.device == "cuda" if setting == "auto" else bool(setting)

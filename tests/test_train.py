@@ -67,10 +67,39 @@ def test_embedding_param_groups_separate_rates():
     assert len(groups[0]["params"]) == 2 and len(groups[1]["params"]) == 2
 
 
-def test_backend_auto_resolves():
-    from cpt_kit.train.backend import resolve_backend_name, unsloth_available
-    assert resolve_backend_name("hf") == "hf"
-    assert resolve_backend_name("auto") == ("unsloth" if unsloth_available() else "hf")
+@pytest.mark.parametrize("installed", [True, False])
+def test_auto_backend_is_hf_on_cpu_and_unsloth_on_a_gpu(monkeypatch, installed):
+    from cpt_kit.train import backend
+
+    monkeypatch.setattr(backend, "unsloth_available", lambda: installed)
+    name, why = backend.choose_backend("auto", "cpu")
+    assert name == "hf" and "no GPU" in why and "faster" in why  # even with unsloth installed
+    assert backend.choose_backend("auto", "cuda")[0] == ("unsloth" if installed else "hf")
+    assert backend.choose_backend("hf", "cuda") == ("hf", "requested by the recipe")
+    if installed:  # the tests' way to run the Unsloth path on CPU: ask for it
+        assert backend.choose_backend("unsloth", "cpu") == ("unsloth", "requested by the recipe")
+    else:
+        from cpt_kit.errors import RecipeError
+        with pytest.raises(RecipeError, match="unsloth is not installed"):
+            backend.choose_backend("unsloth", "cpu")
+
+
+def test_cpu_defaults_no_checkpointing_fused_adamw():
+    """On CPU gradient checkpointing only costs time (BENCHMARKS.md): auto turns it off there, on with a GPU."""
+    from cpt_kit.hardware import Hardware, use_gradient_checkpointing
+    from cpt_kit.recipe import Model, Recipe, apply_overrides
+    from cpt_kit.train.backend import resolve_optim
+
+    cpu, gpu = Hardware("cpu", "x86_64", False, 0.0), Hardware("cuda", "H100", True, 80.0)
+    recipe = Recipe(name="t", model=Model(base="some/model"))
+    assert recipe.train.gradient_checkpointing == "auto"
+    assert use_gradient_checkpointing(recipe, cpu) is False and use_gradient_checkpointing(recipe, gpu) is True
+    forced = apply_overrides(recipe, ["train.gradient_checkpointing=true"])
+    assert forced.train.gradient_checkpointing is True and use_gradient_checkpointing(forced, cpu) is True
+    off = apply_overrides(recipe, ["train.gradient_checkpointing=false"])
+    assert use_gradient_checkpointing(off, gpu) is False
+    assert apply_overrides(off, ["train.gradient_checkpointing=auto"]).train.gradient_checkpointing == "auto"
+    assert resolve_optim(recipe, "cpu") == "adamw_torch_fused" and resolve_optim(recipe, "cuda") == "adamw_8bit"
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -210,18 +239,51 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_recipe, mon
     assert (root / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def check_tied_base_kept_tied(root, base_dir) -> dict:
+    """A tied base trained with train_embeddings: one trained matrix, recorded, merged still tied
+    (shared by the hf and the unsloth tests). Returns adapter/cpt_kit_train.json."""
+    info = json.loads((root / "adapter" / "cpt_kit_train.json").read_text())
+    assert info["tied_base"] is True and info["embedding_tie"] == "kept"
+    assert info["embedding_matrix_mib"] == pytest.approx(1000 * 256 * 2 / 2**20, abs=0.05)
+    adapter, base = adapter_tensors(root / "adapter"), base_tensors(base_dir)
+    assert adapter[EMBED_KEY].equal(adapter[HEAD_KEY])  # lm_head is the trained embed_tokens
+    assert not adapter[EMBED_KEY].equal(base["model.embed_tokens.weight"])  # and it was trained
+    train = json.loads((root / "manifest.json").read_text())["stages"]["train"]["metrics"]
+    assert train["embedding_tie"] == "kept" and train["tie"].startswith("kept (untying would add 0.5 MiB")
+    return info
+
+
 @pytest.mark.slow
-def test_tied_embeddings_are_untied_and_recorded(tmp_path, tiny_recipe, tiny_tied):
+def test_tied_base_stays_tied_and_progress_is_printed_without_a_terminal(tmp_path, tiny_recipe, tiny_tied):
+    import io
+
+    from rich.console import Console
+
+    from cpt_kit.pipeline import run_pipeline
     from cpt_kit.recipe import Model
+    from cpt_kit.rundir import RunDir
+    from cpt_kit.summary import print_summary
 
     recipe = tiny_recipe(model=Model(base=str(tiny_tied), max_seq_length=64, load_in_4bit=False),
-                         train={"max_steps": 4, "save_steps": 4, "eval_steps": 0})
-    root = tmp_path / "run"
-    run_until(recipe, root, "train")
-    info = json.loads((root / "adapter" / "cpt_kit_train.json").read_text())
-    assert info["tied_base"] is True and info["embeddings_untied"] is True
-    adapter = adapter_tensors(root / "adapter")
-    assert not adapter[EMBED_KEY].equal(adapter[HEAD_KEY])
+                         train={"max_steps": 4, "save_steps": 4, "eval_steps": 2})
+    root, out = tmp_path / "run", io.StringIO()
+    console = Console(file=out, width=200)  # like nohup or CI: not a terminal
+    manifest = run_pipeline(recipe, RunDir(root), console, until="merge")
+    check_tied_base_kept_tied(root, tiny_tied)
+    merged = json.loads((root / "merged" / "config.json").read_text())
+    assert merged.get("tie_word_embeddings", True) is True and manifest.metrics("merge")["untied"] is False
+    assert "lm_head.weight" not in base_tensors(root / "merged")
+    summary = io.StringIO()
+    print_summary(Console(file=summary, width=1000), RunDir(root), manifest)  # wide: no wrapped cells
+    assert "tie=kept (untying would add 0.5 MiB F16)" in summary.getvalue()
+    assert "backend=hf, backend_reason=requested by the recipe" in summary.getvalue()
+    text = out.getvalue()
+    # progress lines while training: step/total, loss, eval loss, tokens/s, elapsed, ETA
+    lines = [line for line in text.splitlines() if line.startswith("  train  ")]
+    assert lines[0].startswith("  train  0/4 steps (0%)")
+    assert any(" 2/4 steps (50%)  loss " in line and "eval " in line for line in lines[1:]), lines
+    assert "4/4 steps (100%)" in lines[-1] and "tok/s" in lines[-1] and "elapsed" in lines[-1]
+    assert any("ETA" in line for line in lines[1:])
 
 
 def test_trainable_weights_are_put_back_in_fp32(tiny_base):

@@ -118,7 +118,8 @@ class Data:
 @dataclass(frozen=True)
 class Train:
     backend: Literal["auto", "unsloth", "hf"] = "auto"
-    """Training library: unsloth, hf (transformers+PEFT+TRL), or auto (unsloth when importable)."""
+    """Training library: unsloth, hf (transformers+PEFT+TRL), or auto: unsloth on a GPU when it is
+    installed, else hf (on CPU hf is the faster of the two, see BENCHMARKS.md)."""
     objective: Literal["cpt"] = "cpt"
     """Training objective: cpt (causal LM on packed raw text)."""
     learning_rate: float = 5e-5
@@ -142,11 +143,12 @@ class Train:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     optim: str = "auto"
-    """Optimizer name as in transformers (auto: adamw_8bit on CUDA, adamw_torch on CPU)."""
+    """Optimizer name as in transformers (auto: adamw_8bit on CUDA, adamw_torch_fused on CPU)."""
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     """Mixed precision: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute activations in the backward pass to save memory; auto: on with a GPU, off on CPU
+    (there memory is rarely the limit and it only costs time, about +25% per step: BENCHMARKS.md)."""
     logging_steps: int = 1
     """Log loss, lr, tokens/s and memory every N steps to logs/train.jsonl."""
     eval_steps: int = 50

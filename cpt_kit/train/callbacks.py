@@ -154,49 +154,35 @@ def _float(value: Any) -> Optional[float]:
         return None
 
 
-class RichProgress(TrainerCallback):
-    """One progress bar for training (step, loss, eval loss, tokens/s) instead of the trainer's
-    tqdm bars and printed log dicts, which interleave into an unreadable screen."""
+class TrainProgress(TrainerCallback):
+    """Training progress (step/total, loss, eval loss, tokens/s, elapsed, ETA) through
+    `cpt_kit.progress`: a bar on a terminal, a plain line every few steps or seconds in a log file.
+    It replaces the trainer's tqdm bars and printed log dicts, which interleave into an unreadable screen."""
 
     def __init__(self, console: Any, tokens_per_step: int):
         self.console = console
         self.tokens_per_step = tokens_per_step
         self.progress = None
-        self.task = None
-        self.fields = {"loss": "-", "eval": "-", "tps": "-"}
-        self._last = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from cpt_kit.progress import progress
 
-        self.progress = Progress(TextColumn("  train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[tps]} tok/s"),
-                                 TimeRemainingColumn(), console=self.console, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
-        self._last = (time.perf_counter(), state.global_step)
+        self.progress = progress(self.console, "train", state.max_steps, unit="steps", completed=state.global_step,
+                                 rate_scale=self.tokens_per_step, rate_unit="tok/s")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
-            return
-        now = time.perf_counter()
-        then, step = self._last
-        if state.global_step > step and now > then:
-            self.fields["tps"] = f"{(state.global_step - step) * self.tokens_per_step / (now - then):,.0f}"
-        self._last = (now, state.global_step)
-        self.progress.update(self.task, completed=state.global_step, **self.fields)
+        if self.progress is not None and not control.should_log:  # else on_log moves on, with this step's loss
+            self.progress.update(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        if "loss" in logs:
-            self.fields["loss"] = f"{float(logs['loss']):.3f}"
-        if "eval_loss" in logs:
-            self.fields["eval"] = f"{float(logs['eval_loss']):.3f}"
         if self.progress is not None:
-            self.progress.update(self.task, **self.fields)
+            fields = {name: f"{float(logs[key]):.3f}" for name, key in (("loss", "loss"), ("eval", "eval_loss"))
+                      if key in logs}
+            self.progress.update(state.global_step, force="eval_loss" in logs, **fields)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, **self.fields)
-            self.progress.stop()
+            self.progress.update(state.global_step)
+            self.progress.close()
             self.progress = None

@@ -1,7 +1,7 @@
 """The hf backend: transformers + PEFT + TRL (+ bitsandbytes 4-bit on CUDA).
 
 Same adapter format as the Unsloth backend: LoRA on the recipe's target modules, embed_tokens
-and lm_head as full `modules_to_save` weights, and an optimizer with the embeddings in their own
+and lm_head as full `modules_to_save` weights (one shared matrix on a tied base), and an optimizer with the embeddings in their own
 parameter group at `train.embedding_learning_rate`. The data is already tokenized and packed:
 TRL's dataset preparation is skipped and a plain block collator feeds the model.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cpt_kit.train.backend import BlockCollator, TrainSetup, embedding_param_groups, trainer_arguments
-from cpt_kit.train.embeddings import extend_vocabulary
+from cpt_kit.train.embeddings import extend_vocabulary, keeps_tie
 
 
 class HFBackend:
@@ -34,7 +34,7 @@ class HFBackend:
         tokenizer = AutoTokenizer.from_pretrained(setup.tokenizer_dir)
         extend_vocabulary(model, setup.extension)
         lora = setup.recipe.lora
-        gradient_checkpointing = setup.recipe.train.gradient_checkpointing
+        gradient_checkpointing = setup.gradient_checkpointing
         if setup.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         elif gradient_checkpointing:
@@ -43,9 +43,8 @@ class HFBackend:
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_rslora=lora.use_rslora,
             target_modules=list(lora.target_modules), modules_to_save=setup.modules_to_save or None,
-            # Like Unsloth 2026.10.9: on a tied model embed_tokens and lm_head become two trained copies
-            # (untied); adapter/cpt_kit_train.json records tied_base / embeddings_untied for the merge.
-            ensure_weight_tying=False,
+            # A tied base stays tied: lm_head keeps sharing the trained embed_tokens (cpt_kit.train.embeddings).
+            ensure_weight_tying=keeps_tie(model) and bool(setup.modules_to_save),
             bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
         return model, tokenizer

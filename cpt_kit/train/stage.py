@@ -28,15 +28,16 @@ def run(ctx) -> dict[str, Any]:
 
 def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the stage; `callbacks` (extra TrainerCallbacks) exist for tests and benchmarks."""
-    from cpt_kit.train.backend import get_backend, resolve_backend_name
-    backend = get_backend(resolve_backend_name(ctx.recipe.train.backend))  # imports unsloth first, if chosen
+    from cpt_kit.train.backend import choose_backend, get_backend
+    backend_name, backend_reason = choose_backend(ctx.recipe.train.backend, ctx.hardware.device)
+    backend = get_backend(backend_name)  # imports unsloth first, if chosen
 
     from cpt_kit.train.backend import TrainSetup, embedding_parameters, resolve_optim
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from cpt_kit.train.callbacks import NanGuard, RichProgress, TrainLog, first_non_finite_parameter
-    from cpt_kit.train.embeddings import read_extension
-    from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit
+    from cpt_kit.train.callbacks import NanGuard, TrainLog, TrainProgress, first_non_finite_parameter
+    from cpt_kit.train.embeddings import read_extension, tie_summary
+    from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit, use_gradient_checkpointing
     from cpt_kit.model_source import load_kwargs, resolve_base
 
     recipe, run_dir, hw = ctx.recipe, ctx.run, ctx.hardware
@@ -52,7 +53,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     setup = TrainSetup(recipe=recipe, base=resolve_base(recipe.model), load_kwargs=load_kwargs(recipe.model),
                        tokenizer_dir=tokenizer_dir, device=hw.device, precision=precision,
                        load_in_4bit=load_in_4bit, optim=resolve_optim(recipe, hw.device),
-                       output_dir=run_dir.checkpoints,
+                       gradient_checkpointing=use_gradient_checkpointing(recipe, hw), output_dir=run_dir.checkpoints,
                        extension=read_extension(run_dir.data / "tokenizer_extension.json"))
     checkpoint = resume_checkpoint(run_dir.checkpoints) if ctx.resume else None
     log_path = run_dir.logs / "train.jsonl"
@@ -61,18 +62,20 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         log_path.unlink(missing_ok=True)
     else:
         ctx.log(f"resuming from {checkpoint.name} (the previous run of this stage was interrupted)")
-    ctx.log(f"backend {backend.name}, precision {precision}, {'4-bit' if load_in_4bit else 'unquantized'} base, "
-            f"optimizer {setup.optim}, {len(train_ds)} train / {len(eval_ds)} held-out blocks")
+    ctx.log(f"backend {backend.name} ({backend_reason}), precision {precision}, "
+            f"{'4-bit' if load_in_4bit else 'unquantized'} base, optimizer {setup.optim}, gradient checkpointing "
+            f"{'on' if setup.gradient_checkpointing else 'off'}, {len(train_ds)} train / {len(eval_ds)} held-out blocks")
 
     model, tokenizer = backend.load_model(setup)
-    base_vocab = _config_vocab(setup)
+    base_config = _base_text_config(setup)
+    base_vocab, tied_base = int(base_config.vocab_size), bool(getattr(base_config, "tie_word_embeddings", False))
     vocab_size = model.get_input_embeddings().weight.shape[0]
     t = recipe.train
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_length
     log = TrainLog(log_path, tokens_per_step, hw.device, {id(p) for p in embedding_parameters(model)})
     trainer = backend.make_trainer(setup, model, tokenizer, train_ds, eval_ds,
-                                   [log, NanGuard(precision), RichProgress(ctx.console, tokens_per_step), *callbacks])
-    for noisy in (PrinterCallback, ProgressCallback):  # RichProgress shows the same, on one line
+                                   [log, NanGuard(precision), TrainProgress(ctx.console, tokens_per_step), *callbacks])
+    for noisy in (PrinterCallback, ProgressCallback):  # TrainProgress shows the same, on one line
         trainer.remove_callback(noisy)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -86,7 +89,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise TrainingError(f"trainable weight {bad} is not finite after training; the adapter was not saved",
                             where="train", hint="lower train.learning_rate, or use --set train.precision=fp32")
 
-    info = save_adapter(run_dir.adapter, model, tokenizer_dir, dict(
+    info = save_adapter(run_dir.adapter, model, tokenizer_dir, tied_base, dict(
         base=setup.base, base_vocab_size=base_vocab, vocab_size=vocab_size, backend=backend.name,
         precision=precision, loaded_in_4bit=load_in_4bit,
         learning_rate=t.learning_rate, embedding_learning_rate=t.embedding_learning_rate,
@@ -94,18 +97,24 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                   target_modules=list(recipe.lora.target_modules), modules_to_save=setup.modules_to_save),
         tokenizer_extended=bool(setup.extension and setup.extension.get("added")),
         steps=trainer.state.global_step, final_eval_loss=final_eval))
+    if tied_base:
+        ctx.log(f"tied embeddings: {tie_summary(info)}; lm_head "
+                + ("is the trained embed_tokens (one matrix)" if info["embedding_tie"] == "kept" else
+                   "and embed_tokens are separate matrices now"))
     losses = [loss for _, loss in log.losses]
     steps = trainer.state.global_step
     metrics = dict(
-        backend=backend.name, precision=precision, loaded_in_4bit=load_in_4bit, steps=steps,
+        backend=backend.name, backend_reason=backend_reason, precision=precision, loaded_in_4bit=load_in_4bit,
+        gradient_checkpointing=setup.gradient_checkpointing, steps=steps,
         resumed_from_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
         first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
         final_eval_loss=final_eval, train_tokens=steps * tokens_per_step,
         tokens_per_second=round(log.steps_this_session * tokens_per_step / log.train_seconds, 1)
         if log.train_seconds else None,
         seconds=round(seconds, 2), train_runtime=round(result.metrics.get("train_runtime", 0.0), 2),
-        tied_base=info["tied_base"], embeddings_untied=info["embeddings_untied"],
-        headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend"])
+        tied_base=tied_base, embedding_tie=info["embedding_tie"], tie=tie_summary(info),
+        headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend",
+                  "backend_reason", "tie"])
     return metrics
 
 
@@ -142,19 +151,12 @@ def resume_checkpoint(checkpoints: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path,
+def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, tied_base: bool,
                  info: dict[str, Any]) -> dict[str, Any]:
     """PEFT adapter + the prepared tokenizer files (copied) + cpt_kit_train.json, renamed into place at once."""
-    from cpt_kit.train.embeddings import embeddings_tied
+    from cpt_kit.train.embeddings import tie_record
 
-    import torch
-    base_config = model.get_base_model().config
-    tied_base = bool(getattr(base_config, "tie_word_embeddings", False))
-    embed = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    untied = out is not None and not embeddings_tied(model) and (
-        out.weight.shape != embed.shape or not torch.equal(out.weight.detach().cpu(), embed.detach().cpu()))
-    info = dict(info, tied_base=tied_base, embeddings_untied=bool(tied_base and untied))
+    info = dict(info, **tie_record(model, tied_base))
     with atomic_path(adapter_dir) as tmp:
         model.save_pretrained(str(tmp))
         # The tokenizer prepare saved, byte for byte: a re-save through transformers 5 would drop
@@ -166,11 +168,10 @@ def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path,
     return info
 
 
-def _config_vocab(setup) -> int:
+def _base_text_config(setup):
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(setup.base, **setup.load_kwargs)
-    text = getattr(config, "get_text_config", lambda: config)()
-    return int(text.vocab_size)
+    return getattr(config, "get_text_config", lambda: config)()
 
 
 def read_train_info(adapter_dir: Path, required: bool = True) -> dict[str, Any]:

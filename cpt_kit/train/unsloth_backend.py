@@ -5,7 +5,9 @@ the first import of this module, and only this module imports it: the rest of cp
 importable without Unsloth. What Unsloth does with embed_tokens/lm_head (checked in
 unsloth/models/_utils.py, 2026.10.9): names in `target_modules` are moved to `modules_to_save`
 (full trainable copies, saved whole in the adapter); on a model with tied embeddings it keeps
-only embed_tokens there and lets PEFT re-tie lm_head to it (`ensure_weight_tying`).
+only embed_tokens there and lets PEFT re-tie lm_head to it (`ensure_weight_tying`, which this
+backend also asks for explicitly: a tied base stays tied in both backends, see
+cpt_kit.train.embeddings).
 UnslothTrainer puts every `*.modules_to_save.default.weight` in a group at
 `embedding_learning_rate`.
 """
@@ -18,7 +20,7 @@ from unsloth import FastLanguageModel, UnslothTrainer, UnslothTrainingArguments
 from typing import Any  # noqa: E402
 
 from cpt_kit.train.backend import BlockCollator, TrainSetup, trainer_arguments  # noqa: E402
-from cpt_kit.train.embeddings import extend_vocabulary  # noqa: E402
+from cpt_kit.train.embeddings import extend_vocabulary, keeps_tie  # noqa: E402
 
 
 class UnslothBackend:
@@ -39,8 +41,9 @@ class UnslothBackend:
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
             target_modules=list(lora.target_modules) + setup.modules_to_save, bias="none",
-            use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
+            use_gradient_checkpointing="unsloth" if setup.gradient_checkpointing else False,
             random_state=recipe.train.seed, use_rslora=lora.use_rslora,
+            ensure_weight_tying=keeps_tie(model) and bool(setup.modules_to_save),
             max_seq_length=recipe.model.max_seq_length)
         return model, tokenizer
 
