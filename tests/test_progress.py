@@ -99,3 +99,36 @@ def test_train_progress_callback_shows_loss_and_eval(tmp_path):
     assert "4/4 steps (100%)" in lines[-1] and "loss 0.000" in lines[-1] and "eval 0.500" in lines[-1]
     assert sum("4/4 steps" in line for line in lines) == 2  # the loss line, then the evaluation at once
     assert "tok/s" in lines[-1]
+
+
+def test_heartbeat_prints_elapsed_time_for_an_opaque_call():
+    import time
+
+    from cpt_kit.progress import progress
+
+    console, out = plain_console()
+    with progress(console, "convert F16", None, heartbeat=True, every_seconds=0.05):
+        time.sleep(0.3)  # a subprocess, say
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 4 and all(line.startswith("  convert F16  elapsed 0:00:00") for line in lines)
+
+
+def test_task_progress_speaks_rich_task_api_in_plain_lines():
+    from rich.progress import Progress as RichProgress
+
+    from cpt_kit.progress import task_progress
+
+    console, out = plain_console()
+    with task_progress(console) as tasks:
+        reading = tasks.add_task("reading corpus", total=None)
+        for _ in range(3):
+            tasks.advance(reading)
+        tasks.remove_task(reading)
+        tokenizing = tasks.add_task("tokenizing corpus", total=50)
+        tasks.advance(tokenizing, 50)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  reading corpus  elapsed 0:00:00"
+    assert lines[1].startswith("  reading corpus  3  ")
+    assert lines[2].startswith("  tokenizing corpus  0/50 (0%)") and lines[-1].startswith("  tokenizing corpus  50/50 (100%)")
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    assert isinstance(task_progress(terminal), RichProgress)
