@@ -132,3 +132,21 @@ def test_task_progress_speaks_rich_task_api_in_plain_lines():
     assert lines[2].startswith("  tokenizing corpus  0/50 (0%)") and lines[-1].startswith("  tokenizing corpus  50/50 (100%)")
     terminal = Console(file=io.StringIO(), force_terminal=True)
     assert isinstance(task_progress(terminal), RichProgress)
+
+
+def test_merge_reports_every_tensor(tiny_base, tmp_path):
+    from safetensors import safe_open
+    from test_merge import make_adapter
+
+    from cpt_kit.export.merge import merge_adapter
+    from cpt_kit.progress import progress
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter")
+    console, out = plain_console()
+    with progress(console, "merge", None, unit="tensors") as bar:
+        merge_adapter(tiny_base, adapter, tmp_path / "merged", progress=bar)
+    with safe_open(str(tiny_base / "model.safetensors"), framework="pt") as handle:
+        n = len(list(handle.keys()))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  merge  elapsed 0:00:00"  # the total is known once the base's index is read
+    assert lines[-1].startswith(f"  merge  {n}/{n} tensors (100%)") and len(lines) >= 3

@@ -89,7 +89,9 @@ def _check_size(part: Part, d: Data, block: int, label: str, key: str) -> None:
 
 
 def run(ctx) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from cpt_kit.progress import task_progress
 
     from cpt_kit.data import extend_tokenizer as ext
     from cpt_kit.data.mix import mix
@@ -99,7 +101,7 @@ def run(ctx) -> dict[str, Any]:
     recipe, d = ctx.recipe, ctx.recipe.data
     block = recipe.model.max_seq_length
     columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=ctx.console, transient=True) as progress:
+    with task_progress(ctx.console, *columns) as progress:  # plain lines when output is not a terminal
         corpus = _read(d.sources, d, d.text_field, "data.sources", progress, "corpus")
         tokenizer = load_tokenizer(recipe.model)
         held = heldout_indices(corpus.texts, d.heldout_fraction, d.seed)

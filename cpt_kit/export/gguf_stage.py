@@ -32,6 +32,7 @@ def input_fingerprint(ctx) -> dict:
 
 def run(ctx) -> dict:
     from cpt_kit.export.gguf import check_disk_space, convert_to_gguf, quantize_gguf
+    from cpt_kit.progress import progress
 
     recipe, run_dir = ctx.recipe, ctx.run
     merged = run_dir.merged
@@ -42,11 +43,13 @@ def run(ctx) -> dict:
     quants = [q for q in files if q != outtype]
     metrics: dict = {"disk": check_disk_space(merged, run_dir.gguf, len(quants))}
     ctx.log(f"converting {merged} to {outtype} GGUF")
-    base = convert_to_gguf(merged, files[outtype], recipe.export.outtype, log=ctx.log)
+    with progress(ctx.console, f"convert to {outtype}", None, heartbeat=True):
+        base = convert_to_gguf(merged, files[outtype], recipe.export.outtype, log=ctx.log)
     files_metrics = {outtype: _short(base, run_dir)}
     for quant in quants:
         ctx.log(f"quantizing to {quant}")
-        info = quantize_gguf(files[outtype], files[quant], quant)
+        with progress(ctx.console, f"quantize to {quant}", None, heartbeat=True):
+            info = quantize_gguf(files[outtype], files[quant], quant)
         if info["fallback_tensors"]:
             ctx.log(f"{quant}: {info['fallback_tensors']} of {info['fallback_of']} tensor(s) required fallback "
                     "quantization (row sizes not a multiple of the block size)")

@@ -208,6 +208,13 @@ def _merged(adapter: Adapter, base: _Base, name: str):
     return out
 
 
+def _counted(progress, tensor):
+    """`tensor`, after advancing `progress` (if any) by one."""
+    if progress is not None:
+        progress.advance()
+    return tensor
+
+
 def _tied_head(adapter: Adapter, base: _Base, embed_key: str):
     """For a tied base: a function giving the output head, or None when it stays tied to the merged embedding."""
     import torch
@@ -230,8 +237,10 @@ def _tied_head(adapter: Adapter, base: _Base, embed_key: str):
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer_dir: Optional[Path] = None,
-                  log: Callable[[str], None] = lambda message: None) -> dict:
-    """Write base + adapter as a complete model directory into `out_dir` (which must be a fresh path)."""
+                  log: Callable[[str], None] = lambda message: None, progress=None) -> dict:
+    """Write base + adapter as a complete model directory into `out_dir` (which must be a fresh path).
+
+    progress: a cpt_kit.progress.Progress, advanced once per base tensor written."""
     from cpt_kit.export.safetensors_io import Entry, Reader, write_safetensors
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -248,6 +257,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
         raise ExportError(f"adapter weights not found in the base: {', '.join(sorted(unknown)[:5])}", where=str(adapter_dir),
                           hint="the adapter was trained on another base model")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if progress is not None:
+        progress.update(total=len(weight_map))
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
@@ -262,7 +273,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
             entries = []
             for name in names:
                 dtype, shape = base.meta(name)
-                entries.append(Entry(name, dtype, shape, lambda name=name: _merged(adapter, base, name)))
+                entries.append(Entry(name, dtype, shape, lambda name=name: _counted(progress, _merged(adapter, base, name))))
                 if name == embed_key:
                     vocab = shape[0]
                     head = _tied_head(adapter, base, embed_key) if tied_base else None

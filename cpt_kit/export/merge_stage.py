@@ -101,6 +101,7 @@ def tokenizer_source(run, base: Path) -> Path:
 
 def run(ctx) -> dict:
     from cpt_kit.export.merge import merge_adapter
+    from cpt_kit.progress import progress
 
     run_dir = ctx.run
     if not (run_dir.adapter / "adapter_config.json").is_file():
@@ -112,7 +113,8 @@ def run(ctx) -> dict:
     tokenizer_dir = tokenizer_source(run_dir, base)
     ctx.log(f"merging {run_dir.adapter} onto {base} (tokenizer from {tokenizer_dir})")
     with atomic_path(run_dir.merged) as tmp:
-        metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log)
+        with progress(ctx.console, "merge", None, unit="tensors") as bar:
+            metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log, progress=bar)
         dtype = weight_dtype(tmp)
         ids = probe_ids(tmp, metrics["vocab_size"] or info.get("vocab_size") or 2, heldout_texts(run_dir, limit=2))
         check = compare_logits(base, run_dir.adapter, tmp, ids)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 LANGUAGE_PROBES = (
     "Ĉu vi ŝatas ĝin? Ĥoro, ĵaŭdo, aŭto: ĈĜĤĴŜŬ ĉĝĥĵŝŭ.",
@@ -166,8 +166,10 @@ def hf_perplexity(model, blocks: list[list[int]], batch_size: int = 4) -> float:
     return float(perplexity(model, blocks, batch_size)["perplexity"])
 
 
-def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int] = None) -> float:
-    """The same perplexity with llama.cpp: eval each block's ids, logits for every position."""
+def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int] = None,
+                    advance: Optional[Callable[[int], None]] = None) -> float:
+    """The same perplexity with llama.cpp: eval each block's ids, logits for every position;
+    `advance(1)` after each block (progress)."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -184,6 +186,8 @@ def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int
         targets = np.asarray(block[1:])
         total += float((log_z - logits[np.arange(len(targets)), targets]).sum())
         count += len(targets)
+        if advance is not None:
+            advance(1)
     del llm
     return math.exp(total / count)
 

@@ -64,6 +64,7 @@ def run(ctx) -> dict:
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
+    from cpt_kit.progress import progress
 
     recipe, run_dir = ctx.recipe, ctx.run
     files = gguf_files(run_dir, recipe)
@@ -89,9 +90,11 @@ def run(ctx) -> dict:
         blocks, block_source = probe_blocks(tokenizer, texts, min(recipe.model.max_seq_length, 128), limit), "probe_texts"
         ctx.log("no held-out data in this run: perplexity is compared on the probe texts")
     model = AutoModelForCausalLM.from_pretrained(run_dir.merged, dtype=torch.float32)
-    hf = verify.hf_perplexity(model, blocks)
+    with progress(ctx.console, "perplexity HF", None, heartbeat=True):
+        hf = verify.hf_perplexity(model, blocks)
     del model
-    ggufs = {name: verify.gguf_perplexity(path, blocks, threads) for name, path in files.items()}
+    with progress(ctx.console, "perplexity GGUF", len(blocks) * len(files), unit="blocks") as bar:
+        ggufs = {name: verify.gguf_perplexity(path, blocks, threads, bar.advance) for name, path in files.items()}
     checks["perplexity"] = verify.compare_perplexity(hf, ggufs, reference, recipe.export.max_f16_ppl_delta)
     checks["perplexity"]["blocks"] = len(blocks)
     checks["perplexity"]["block_source"] = block_source
