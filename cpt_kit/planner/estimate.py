@@ -6,8 +6,8 @@ Memory (bytes), by part:
   (32-bit on CPU) either way;
 - trainable embed_tokens/lm_head (PEFT modules_to_save): an fp32 master copy, its fp32 gradient and
   the optimizer's two states (1 byte each for 8-bit AdamW, 4 for torch AdamW), per trained matrix;
-  the frozen originals stay in the weights. Unsloth trains one matrix for a tied base; the hf
-  backend unties it into two;
+  the frozen originals stay in the weights. A tied base trains one matrix (both backends keep the
+  tie, cpt_kit.train.embeddings);
 - LoRA A/B: fp32 weights, gradients and optimizer states;
 - activations: per token and layer the tensors autograd keeps for a Llama block with LoRA (norm
   inputs/outputs, q/k/v, attention output, MLP gate/up/product), in the compute dtype; with
@@ -83,7 +83,7 @@ class Estimate:
 def trained_embedding_matrices(shape: ModelShape, s: Settings) -> int:
     if not s.train_embeddings:
         return 0
-    return 1 if shape.tied_embeddings and s.backend == "unsloth" else 2
+    return 1 if shape.tied_embeddings else 2
 
 
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
