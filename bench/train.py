@@ -94,7 +94,8 @@ def plain_worker(args: argparse.Namespace, work: Path, gradient_checkpointing: b
     targs = TrainingArguments(output_dir=str(work / "plain"), per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=LR,
                               logging_steps=1, save_strategy="no", report_to="none", bf16=bf16, use_cpu=not cuda)
-    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator, callbacks=[timer])
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator,
+                      callbacks=[timer])
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"precision": "bf16" if bf16 else "fp32", "first_loss": losses[0], "last_loss": losses[-1],
@@ -244,8 +245,9 @@ run. LoRA r={args.r} (alpha={args.r}) on all linear layers + embed_tokens/lm_hea
 CPU = CPU time of the training process (all threads), the steadier number on a shared machine.
 
 - command: `python bench/train.py {' '.join(sys.argv[1:])}`
-- machine: {os.cpu_count()} CPU threads ({args.threads or 'default'} torch threads per run), load average {os.getloadavg()[0]:.1f} at the end (a shared machine's
-  numbers carry that noise; compare ratios within one run); memory column: {memory_kind}
+- machine: {os.cpu_count()} CPU threads ({args.threads or 'default'} torch threads per run), load average
+  {os.getloadavg()[0]:.1f} at the end (a shared machine's numbers carry that noise; compare ratios within
+  one run); memory column: {memory_kind}
 - date: {datetime.date.today().isoformat()}
 - model: {model_label}; seq {args.seq_len}, batch {args.batch_size} x accumulation {args.grad_accum},
   {args.steps} steps, load_in_4bit requested: {args.load_in_4bit}

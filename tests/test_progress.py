@@ -129,7 +129,8 @@ def test_task_progress_speaks_rich_task_api_in_plain_lines():
     lines = out.getvalue().splitlines()
     assert lines[0] == "  reading corpus  elapsed 0:00:00"
     assert lines[1].startswith("  reading corpus  3  ")
-    assert lines[2].startswith("  tokenizing corpus  0/50 (0%)") and lines[-1].startswith("  tokenizing corpus  50/50 (100%)")
+    assert lines[2].startswith("  tokenizing corpus  0/50 (0%)")
+    assert lines[-1].startswith("  tokenizing corpus  50/50 (100%)")
     terminal = Console(file=io.StringIO(), force_terminal=True)
     assert isinstance(task_progress(terminal), RichProgress)
 

@@ -1,8 +1,8 @@
 """The hf backend: transformers + PEFT + TRL (+ bitsandbytes 4-bit on CUDA).
 
 Same adapter format as the Unsloth backend: LoRA on the recipe's target modules, embed_tokens
-and lm_head as full `modules_to_save` weights (one shared matrix on a tied base), and an optimizer with the embeddings in their own
-parameter group at `train.embedding_learning_rate`. The data is already tokenized and packed:
+and lm_head as full `modules_to_save` weights (one shared matrix on a tied base), and an
+optimizer with the embeddings in their own parameter group at `train.embedding_learning_rate`. The data is already tokenized and packed:
 TRL's dataset preparation is skipped and a plain block collator feeds the model.
 """
 

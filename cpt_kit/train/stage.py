@@ -36,7 +36,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from cpt_kit.train.callbacks import NanGuard, TrainLog, TrainProgress, first_non_finite_parameter
-    from cpt_kit.train.embeddings import read_extension, tie_summary
+    from cpt_kit.train.embeddings import read_extension, tie_record, tie_summary
     from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit, use_gradient_checkpointing
     from cpt_kit.model_source import load_kwargs, resolve_base
 
@@ -64,7 +64,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         ctx.log(f"resuming from {checkpoint.name} (the previous run of this stage was interrupted)")
     ctx.log(f"backend {backend.name} ({backend_reason}), precision {precision}, "
             f"{'4-bit' if load_in_4bit else 'unquantized'} base, optimizer {setup.optim}, gradient checkpointing "
-            f"{'on' if setup.gradient_checkpointing else 'off'}, {len(train_ds)} train / {len(eval_ds)} held-out blocks")
+            f"{'on' if setup.gradient_checkpointing else 'off'}, "
+            f"{len(train_ds)} train / {len(eval_ds)} held-out blocks")
 
     model, tokenizer = backend.load_model(setup)
     base_config = _base_text_config(setup)
@@ -89,17 +90,18 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise TrainingError(f"trainable weight {bad} is not finite after training; the adapter was not saved",
                             where="train", hint="lower train.learning_rate, or use --set train.precision=fp32")
 
-    info = save_adapter(run_dir.adapter, model, tokenizer_dir, tied_base, dict(
+    tie = tie_record(model, tied_base)
+    save_adapter(run_dir.adapter, model, tokenizer_dir, dict(
         base=setup.base, base_vocab_size=base_vocab, vocab_size=vocab_size, backend=backend.name,
         precision=precision, loaded_in_4bit=load_in_4bit,
         learning_rate=t.learning_rate, embedding_learning_rate=t.embedding_learning_rate,
         lora=dict(r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, use_rslora=recipe.lora.use_rslora,
                   target_modules=list(recipe.lora.target_modules), modules_to_save=setup.modules_to_save),
         tokenizer_extended=bool(setup.extension and setup.extension.get("added")),
-        steps=trainer.state.global_step, final_eval_loss=final_eval))
+        steps=trainer.state.global_step, final_eval_loss=final_eval, **tie))
     if tied_base:
-        ctx.log(f"tied embeddings: {tie_summary(info)}; lm_head "
-                + ("is the trained embed_tokens (one matrix)" if info["embedding_tie"] == "kept" else
+        ctx.log(f"tied embeddings: {tie_summary(tie)}; lm_head "
+                + ("is the trained embed_tokens (one matrix)" if tie["embedding_tie"] == "kept" else
                    "and embed_tokens are separate matrices now"))
     losses = [loss for _, loss in log.losses]
     steps = trainer.state.global_step
@@ -112,7 +114,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         tokens_per_second=round(log.steps_this_session * tokens_per_step / log.train_seconds, 1)
         if log.train_seconds else None,
         seconds=round(seconds, 2), train_runtime=round(result.metrics.get("train_runtime", 0.0), 2),
-        tied_base=tied_base, embedding_tie=info["embedding_tie"], tie=tie_summary(info),
+        tied_base=tied_base, embedding_tie=tie["embedding_tie"], tie=tie_summary(tie),
         headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend",
                   "backend_reason", "tie"])
     return metrics
@@ -151,12 +153,8 @@ def resume_checkpoint(checkpoints: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, tied_base: bool,
-                 info: dict[str, Any]) -> dict[str, Any]:
+def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     """PEFT adapter + the prepared tokenizer files (copied) + cpt_kit_train.json, renamed into place at once."""
-    from cpt_kit.train.embeddings import tie_record
-
-    info = dict(info, **tie_record(model, tied_base))
     with atomic_path(adapter_dir) as tmp:
         model.save_pretrained(str(tmp))
         # The tokenizer prepare saved, byte for byte: a re-save through transformers 5 would drop
@@ -165,7 +163,6 @@ def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, tied_base: 
             if item.is_file():
                 shutil.copyfile(item, tmp / item.name)
         atomic_write_json(tmp / "cpt_kit_train.json", info)
-    return info
 
 
 def _base_text_config(setup):
