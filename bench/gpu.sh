@@ -16,4 +16,4 @@ cp /tmp/demo-run/logs/train.jsonl "$OUT/demo-train.jsonl" 2>/dev/null
 echo "== training benchmark"
 python3 bench/make_random_model.py /tmp/m --shape llama-3.2-1b 2>&1 | tail -1
 timeout ${BENCH_TIMEOUT:-300} python3 bench/train.py --model /tmp/m --seq-len 2048 --steps 12 --batch-size 2 --grad-accum 4 \
-  --load-in-4bit --gradient-checkpointing --r 128 --out "$OUT/BENCHMARKS.md" 2>&1 | tail -30
+  --load-in-4bit --runs unsloth+gc,hf+gc --r 128 --out "$OUT/BENCHMARKS.md" 2>&1 | tail -30
