@@ -140,6 +140,7 @@ def check_trained_run(root, base_dir, recipe, backend: str) -> dict:
     assert not adapter[HEAD_KEY].equal(head_base)
     info = json.loads((root / "adapter" / "cpt_kit_train.json").read_text())
     assert info["backend"] == backend and info["vocab_size"] == info["base_vocab_size"]
+    assert info["tied_base"] is False and info["embedding_tie"] == "none" and train["tie"] == "base not tied"
     for name in ("tokenizer.json", "tokenizer_config.json", "adapter_config.json"):
         assert (root / "adapter" / name).is_file()
     assert sorted((p.name for p in (root / "checkpoints").glob("checkpoint-*"))) == ["checkpoint-12", "checkpoint-6"]
