@@ -148,7 +148,7 @@ class Train:
     """Mixed precision: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     """Recompute activations in the backward pass to save memory; auto: on with a GPU, off on CPU
-    (there memory is rarely the limit and it only costs time, about +25% per step: BENCHMARKS.md)."""
+    (memory is rarely the limit there and it costs 25-50% more time per step: BENCHMARKS.md)."""
     logging_steps: int = 1
     """Log loss, lr, tokens/s and memory every N steps to logs/train.jsonl."""
     eval_steps: int = 50
