@@ -273,7 +273,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
             entries = []
             for name in names:
                 dtype, shape = base.meta(name)
-                entries.append(Entry(name, dtype, shape, lambda name=name: _counted(progress, _merged(adapter, base, name))))
+                entries.append(Entry(name, dtype, shape,
+                                     lambda name=name: _counted(progress, _merged(adapter, base, name))))
                 if name == embed_key:
                     vocab = shape[0]
                     head = _tied_head(adapter, base, embed_key) if tied_base else None

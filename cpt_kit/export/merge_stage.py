@@ -114,7 +114,8 @@ def run(ctx) -> dict:
     ctx.log(f"merging {run_dir.adapter} onto {base} (tokenizer from {tokenizer_dir})")
     with atomic_path(run_dir.merged) as tmp:
         with progress(ctx.console, "merge", None, unit="tensors") as bar:
-            metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log, progress=bar)
+            metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log,
+                                    progress=bar)
         dtype = weight_dtype(tmp)
         ids = probe_ids(tmp, metrics["vocab_size"] or info.get("vocab_size") or 2, heldout_texts(run_dir, limit=2))
         check = compare_logits(base, run_dir.adapter, tmp, ids)
