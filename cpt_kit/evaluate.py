@@ -1,65 +1,20 @@
 """The evaluate stage: held-out perplexity and fixed-prompt samples, before and after training.
 
-Perplexity is token-weighted: exp(sum of every predicted token's NLL / number of predicted
-tokens), never a mean of per-batch means. It is measured on data/heldout, and on
-data/replay_heldout when the recipe mixes general text (forgetting, measured). The base and the
-trained model are the same loaded weights: plain transformers + PEFT (fp32 on CPU), the base
-resized to the trained vocabulary first, then the adapter loaded on top of it. `perplexity` is
-reused by the export verify step.
+Perplexity (`cpt_kit.perplexity`: token-weighted, loss computed chunk by chunk over the
+sequence) is measured on data/heldout, and on data/replay_heldout when the recipe mixes general
+text (forgetting, measured). Each is reported with its token count and a 95% bootstrap interval
+over blocks, and the before/after change with its PAIRED interval (same blocks), so a change
+inside the noise is not reported as an improvement. The base and the trained model are the same
+loaded weights: plain transformers + PEFT (fp32 on CPU, bf16/fp16 on a GPU), the base resized to
+the trained vocabulary first, then the adapter loaded on top of it.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from cpt_kit.rundir import atomic_write_json
-
-
-def perplexity(model: Any, blocks: Iterable[Sequence[int]], batch_size: int = 4) -> dict[str, float]:
-    """Token-weighted perplexity of a causal LM over blocks of token ids.
-
-    Each block is scored on its own (position 0 has no prediction): nll = sum over blocks and
-    positions 1.. of -log p(token | prefix); ppl = exp(nll / tokens). `batch_size` bounds memory
-    (the logits of one batch are batch x length x vocab floats).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    batch: list[list[int]] = []
-
-    def score(rows: list[list[int]]) -> None:
-        nonlocal total_nll, total_tokens
-        for length in sorted({len(r) for r in rows}):  # blocks are equal-length; tolerate mixed
-            same = [r for r in rows if len(r) == length]
-            if length < 2:
-                continue
-            ids = torch.tensor(same, dtype=torch.long, device=device)
-            logits = model(input_ids=ids).logits[:, :-1, :].float()
-            targets = ids[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += targets.numel()
-
-    with torch.no_grad():
-        for block in blocks:
-            batch.append([int(i) for i in block])
-            if len(batch) == batch_size:
-                score(batch)
-                batch = []
-        if batch:
-            score(batch)
-    if was_training:
-        model.train()
-    if total_tokens == 0:
-        raise ValueError("no tokens to score (every block is shorter than 2 ids)")
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": total_tokens}
 
 
 def generate_samples(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[dict[str, str]]:
@@ -105,15 +60,12 @@ def _blocks(path: Path, limit: Optional[int]) -> Optional[list[list[int]]]:
     return [list(r) for r in ds["input_ids"]] if len(ds) else None
 
 
-def _change_pct(before: float, after: float) -> float:
-    return round(100.0 * (after - before) / before, 2)
-
-
 def run(ctx) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from cpt_kit.model_source import load_kwargs
+    from cpt_kit.perplexity import FEW_BLOCKS, describe, describe_change, hf_scores, paired_change
     from cpt_kit.train.embeddings import read_extension
     from cpt_kit.train.stage import read_train_info
 
@@ -132,37 +84,60 @@ def run(ctx) -> dict[str, Any]:
                                   read_extension(run_dir.data / "tokenizer_extension.json"),
                                   info.get("vocab_size"), device)
     prompts, max_new = recipe.eval.prompts, recipe.eval.max_new_tokens
+    sets = {"heldout": heldout, **({"replay": replay} if replay else {})}
     ctx.log(f"perplexity on {len(heldout)} held-out blocks" + (f" and {len(replay)} replay blocks" if replay else ""))
-    before = {"heldout": perplexity(model, heldout)}
-    if replay:
-        before["replay"] = perplexity(model, replay)
+    before = {name: hf_scores(model, blocks) for name, blocks in sets.items()}
     samples_before = generate_samples(model, tokenizer, prompts, max_new) if max_new else []
 
     model = PeftModel.from_pretrained(model, str(run_dir.adapter))
-    after = {"heldout": perplexity(model, heldout)}
-    if replay:
-        after["replay"] = perplexity(model, replay)
+    after = {name: hf_scores(model, blocks) for name, blocks in sets.items()}
     samples_after = generate_samples(model, tokenizer, prompts, max_new) if max_new else []
 
     report: dict[str, Any] = {"device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                              "weighting": "token", "sets": {}}
-    for name in before:
-        report["sets"][name] = {"base": before[name], "trained": after[name],
-                                "change_pct": _change_pct(before[name]["perplexity"], after[name]["perplexity"])}
+                              "weighting": "token", "interval": "95% bootstrap over blocks (paired for changes)",
+                              "sets": {}, "warnings": []}
+    for name in sets:
+        change = paired_change(before[name], after[name])
+        report["sets"][name] = {"base": before[name].report(), "trained": after[name].report(),
+                                "change_pct": change["change_pct"], "change_pct_ci95": change["ci95"],
+                                "significant": change["significant"]}
+        ctx.log(f"{name}: {describe(report['sets'][name]['base'])} -> {describe(report['sets'][name]['trained'])}, "
+                f"change {describe_change(change)}")
+        if len(before[name].tokens) < FEW_BLOCKS:
+            report["warnings"].append(f"{name} perplexity rests on {len(before[name].tokens)} block(s) "
+                                      f"({before[name].total_tokens} tokens): too few for a reliable interval; "
+                                      "use a larger held-out set")
+    for warning in report["warnings"]:
+        ctx.log(f"warning: {warning}")
     atomic_write_json(run_dir.eval / "perplexity.json", report)
     atomic_write_json(run_dir.eval / "samples.json", [
         {"prompt": b["prompt"], "before": b["completion"], "after": a["completion"]}
         for b, a in zip(samples_before, samples_after)])
+    return _metrics(report)
+
+
+def _interval_text(ci: Optional[list[float]]) -> Optional[str]:
+    return f"{ci[0]:+.1f}%..{ci[1]:+.1f}%" if ci else None
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    held = report["sets"]["heldout"]
     metrics: dict[str, Any] = {
-        "ppl_base": round(before["heldout"]["perplexity"], 4),
-        "ppl_trained": round(after["heldout"]["perplexity"], 4),
-        "ppl_change_pct": report["sets"]["heldout"]["change_pct"],
-        "heldout_tokens": before["heldout"]["tokens"],
-        "headline": ["ppl_base", "ppl_trained", "ppl_change_pct"],
+        "ppl_base": round(held["base"]["perplexity"], 4),
+        "ppl_trained": round(held["trained"]["perplexity"], 4),
+        "ppl_change_pct": round(held["change_pct"], 2),
+        "ppl_change_ci95": _interval_text(held["change_pct_ci95"]),
+        "ppl_change_significant": held["significant"],
+        "heldout_tokens": held["base"]["tokens"],
+        "heldout_blocks": held["base"]["blocks"],
+        "warnings": report["warnings"],
+        "headline": ["ppl_base", "ppl_trained", "ppl_change_pct", "ppl_change_ci95", "heldout_tokens"],
     }
+    replay = report["sets"].get("replay")
     if replay:
-        metrics.update(replay_ppl_base=round(before["replay"]["perplexity"], 4),
-                       replay_ppl_trained=round(after["replay"]["perplexity"], 4),
-                       replay_ppl_change_pct=report["sets"]["replay"]["change_pct"])
+        metrics.update(replay_ppl_base=round(replay["base"]["perplexity"], 4),
+                       replay_ppl_trained=round(replay["trained"]["perplexity"], 4),
+                       replay_ppl_change_pct=round(replay["change_pct"], 2),
+                       replay_ppl_change_ci95=_interval_text(replay["change_pct_ci95"]))
         metrics["headline"] += ["replay_ppl_base", "replay_ppl_trained"]
     return metrics

@@ -32,7 +32,7 @@ class PerfectOnEven:
 
 
 def test_perplexity_is_token_weighted_not_mean_of_batches():
-    from cpt_kit.evaluate import perplexity
+    from cpt_kit.perplexity import perplexity
 
     vocab = 8
     model = PerfectOnEven(vocab)

@@ -165,7 +165,7 @@ def test_hf_backend_end_to_end(tmp_path, tiny_recipe, tiny_base):
                                       str(root / "adapter"))
     from datasets import load_from_disk
 
-    from cpt_kit.evaluate import perplexity
+    from cpt_kit.perplexity import perplexity
     blocks = load_from_disk(str(root / "data" / "heldout"))["input_ids"]
     manifest = json.loads((root / "manifest.json").read_text())
     eval_loss = manifest["stages"]["train"]["metrics"]["final_eval_loss"]

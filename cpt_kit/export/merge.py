@@ -11,7 +11,7 @@ computes the adapted model: the output head is the adapter's lm_head if it saved
 trained embedding when the adapter kept the tie (`ensure_weight_tying`), else the base
 embedding. If the head then differs from the input embedding, `lm_head.weight` is written and
 `tie_word_embeddings` set to false. A grown vocabulary (adapter embeddings with more rows) sets
-config `vocab_size`. `compare_logits` checks the merged model against base + adapter in PEFT.
+config `vocab_size`. `merge_check.check_merge` checks the merged model against base + adapter in PEFT.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from cpt_kit.errors import ExportError
 
@@ -236,12 +236,55 @@ def _tied_head(adapter: Adapter, base: _Base, embed_key: str):
     return None if same else head
 
 
+def _shard_entries(adapter: Adapter, base: _Base, names: list[str], tied_embed_key: Optional[str],
+                   progress=None) -> list:
+    """The merged tensors of one shard as lazy `Entry`s, plus `lm_head.weight` after the embedding when a
+    tied base (`tied_embed_key` given) gets an output head that differs from its merged embedding;
+    `progress` (if any) advances once per base tensor produced."""
+    from cpt_kit.export.safetensors_io import Entry
+
+    entries = []
+    for name in names:
+        dtype, shape = base.meta(name)
+        entries.append(Entry(name, dtype, shape, lambda name=name: _counted(progress, _merged(adapter, base, name))))
+        if name == tied_embed_key:
+            head = _tied_head(adapter, base, name)
+            if head is not None:
+                head_shape = adapter.shape(adapter.full["lm_head.weight"]) if "lm_head.weight" in adapter.full else shape
+                entries.append(Entry("lm_head.weight", dtype, head_shape, head))
+    return entries
+
+
+def changed_tensors(base_dir: Path, adapter_dir: Path) -> Iterator[tuple[str, object, object]]:
+    """(name, merged value before rounding to the stored dtype, base value or None) for every tensor the
+    adapter changes, one at a time: the exact result of the merge math, for checking it."""
+    from cpt_kit.export.safetensors_io import Reader
+
+    adapter = load_adapter(adapter_dir)
+    weight_map, _index = base_files(base_dir)
+    embed_key = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight") if k in weight_map), None)
+    tied_embed_key = embed_key if "lm_head.weight" not in weight_map else None
+    changed_modules = {f"{m}.weight" for m in adapter.lora}
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    for shard, names in shards.items():
+        with Reader(Path(base_dir) / shard) as handle:
+            base = _Base(adapter, handle)
+            for entry in _shard_entries(adapter, base, names, tied_embed_key):
+                if entry.name in weight_map and entry.name not in adapter.full and entry.name not in changed_modules:
+                    continue
+                source = embed_key if entry.name not in weight_map else entry.name
+                reference = base.get(source)
+                yield entry.name, entry.produce(), reference if tuple(reference.shape) == tuple(entry.shape) else None
+
+
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer_dir: Optional[Path] = None,
                   log: Callable[[str], None] = lambda message: None, progress=None) -> dict:
     """Write base + adapter as a complete model directory into `out_dir` (which must be a fresh path).
 
     progress: a cpt_kit.progress.Progress, advanced once per base tensor written."""
-    from cpt_kit.export.safetensors_io import Entry, Reader, write_safetensors
+    from cpt_kit.export.safetensors_io import Reader, write_safetensors
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     adapter = load_adapter(adapter_dir)
@@ -269,19 +312,11 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
     for shard, names in shards.items():
         largest = max(largest, (base_dir / shard).stat().st_size)
         with Reader(base_dir / shard) as handle:
-            base = _Base(adapter, handle)
-            entries = []
-            for name in names:
-                dtype, shape = base.meta(name)
-                entries.append(Entry(name, dtype, shape,
-                                     lambda name=name: _counted(progress, _merged(adapter, base, name))))
-                if name == embed_key:
-                    vocab = shape[0]
-                    head = _tied_head(adapter, base, embed_key) if tied_base else None
-                    if head is not None:
-                        tied_out = False
-                        head_shape = adapter.shape(adapter.full[head_key]) if head_key in adapter.full else shape
-                        entries.append(Entry(head_key, dtype, head_shape, head))
+            entries = _shard_entries(adapter, _Base(adapter, handle), names, embed_key if tied_base else None,
+                                     progress)
+            if embed_key in names:
+                vocab = next(e.shape[0] for e in entries if e.name == embed_key)
+                tied_out = tied_out and not any(e.name == head_key for e in entries)
             tmp = out_dir / f".{shard}.partial"
             total += write_safetensors(tmp, entries)
         os.replace(tmp, out_dir / shard)

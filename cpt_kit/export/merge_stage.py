@@ -1,22 +1,18 @@
 """The merge stage: ORIGINAL 16-bit base + `adapter/` -> `merged/`, checked against PEFT's logits.
 
-The merged directory is built under a temporary name; it is renamed to `merged/` only after the
-logits of the merged model (transformers, fp32) match those of base + adapter (PEFT, fp32) on a
-probe batch within a tolerance that depends on the dtype the weights are written in.
+The merged directory is built under a temporary name; it is renamed to `merged/` only after
+`merge_check.check_merge` passes: the merge math in fp32 against base + adapter in PEFT (tight),
+and the rounding to the stored dtype, reported separately.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
 from cpt_kit.export.verify_stage import heldout_texts
 from cpt_kit.rundir import atomic_path
 from cpt_kit.train.stage import read_train_info
-
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
-"""Largest accepted |merged - PEFT| logit difference relative to the largest |PEFT logit|, by weight dtype."""
 
 
 def resolve_merge_base(ctx) -> Path:
@@ -37,60 +33,6 @@ def resolve_merge_base(ctx) -> Path:
                           hint="point model.base to a local copy of the original 16-bit model") from None
 
 
-def weight_dtype(model_dir: Path) -> str:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
-
-
-def probe_ids(model_dir: Path, vocab_size: int, texts: list[str] = (), length: int = 48):
-    """A probe batch: tokenized texts (if any) plus a row of deterministic random ids over the whole vocabulary."""
-    import torch
-    from transformers import AutoTokenizer
-
-    rows = []
-    if texts:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        for text in texts[:2]:
-            ids = tokenizer(text)["input_ids"][:length]
-            if len(ids) == length:
-                rows.append(ids)
-    generator = torch.Generator().manual_seed(0)
-    rows.append(torch.randint(vocab_size, (length,), generator=generator).tolist())
-    return torch.tensor(rows)
-
-
-def compare_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, ids) -> dict:
-    """Max abs / relative difference of merged-model logits vs base + adapter in PEFT (both fp32).
-
-    Runs on the GPU when there is one (fp32 needs 4 bytes per parameter there), else on the CPU;
-    both models are placed explicitly, whatever device Unsloth's patches would pick.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    placement = {"dtype": torch.float32, "device_map": {"": device}}
-    vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
-    ids = ids.to(device)
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(base_dir, **placement)
-        if base.get_input_embeddings().weight.shape[0] != vocab:
-            base.resize_token_embeddings(vocab, mean_resizing=False)
-        reference = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-        expected = reference(input_ids=ids).logits.float().cpu()
-        del reference, base
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, **placement).eval()
-        actual = merged(input_ids=ids).logits.float().cpu()
-        del merged
-    max_abs = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_abs / max(scale, 1e-12),
-            "probe_tokens": int(ids.numel()), "check_device": device}
-
-
 def tokenizer_source(run, base: Path) -> Path:
     """The tokenizer training used: saved with the adapter, else the run's data/tokenizer, else the base's."""
     for candidate in (run.adapter, run.tokenizer):
@@ -101,6 +43,7 @@ def tokenizer_source(run, base: Path) -> Path:
 
 def run(ctx) -> dict:
     from cpt_kit.export.merge import merge_adapter
+    from cpt_kit.export.merge_check import check_merge, probe_ids
     from cpt_kit.progress import progress
 
     run_dir = ctx.run
@@ -116,16 +59,27 @@ def run(ctx) -> dict:
         with progress(ctx.console, "merge", None, unit="tensors") as bar:
             metrics = merge_adapter(base, run_dir.adapter, tmp, tokenizer_dir=tokenizer_dir, log=ctx.log,
                                     progress=bar)
-        dtype = weight_dtype(tmp)
         ids = probe_ids(tmp, metrics["vocab_size"] or info.get("vocab_size") or 2, heldout_texts(run_dir, limit=2))
-        check = compare_logits(base, run_dir.adapter, tmp, ids)
-        check["tolerance"] = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
-        check["dtype"] = dtype
-        ctx.log(f"merged vs base+adapter logits: max abs diff {check['max_abs_logit_diff']:.3g}, "
-                f"relative {check['max_rel_logit_diff']:.3g} (tolerance {check['tolerance']:g}, weights in {dtype})")
-        if not check["max_rel_logit_diff"] <= check["tolerance"]:
-            raise ExportError(f"the merged model's logits differ from base + adapter by {check['max_rel_logit_diff']:.3g} "
-                              f"(relative; tolerance {check['tolerance']:g})", where=str(run_dir.adapter),
+        check = check_merge(base, run_dir.adapter, tmp, ids)
+        math, storage = check["math"], check["storage"]
+        share = math["error_vs_adapter_effect"]
+        ctx.log(f"merge math (fp32) vs base+adapter in PEFT: relative logit diff {math['max_rel_logit_diff']:.3g} "
+                f"(tolerance {math['tolerance']:g}" + (f"; {share:.2%} of the adapter's effect)" if share is not None else ")"))
+        ctx.log(f"stored in {storage['dtype']}: logits move by {storage['max_rel_logit_diff']:.3g} relative "
+                f"(tolerance {storage['tolerance']:g}); rounding lost {storage['delta_lost_to_rounding']:.2%} "
+                f"of the training's weight change")
+        if not math["passed"]:
+            raise ExportError(f"the merged weights (fp32, before rounding) give logits that differ from base + adapter "
+                              f"by {math['max_rel_logit_diff']:.3g} (relative; tolerance {math['tolerance']:g})",
+                              where=str(run_dir.adapter),
                               hint="the adapter does not fit this base, or the merge is wrong; merged/ was not written")
-    metrics.update(check, base=str(base), headline=["max_abs_logit_diff", "max_rel_logit_diff", "untied", "vocab_size"])
+        if not storage["passed"]:
+            raise ExportError(f"storing the merged weights in {storage['dtype']} changes the logits by "
+                              f"{storage['max_rel_logit_diff']:.3g} (relative; tolerance {storage['tolerance']:g})",
+                              where=str(run_dir.adapter), hint="values out of range for this dtype? set model.dtype "
+                              "to bfloat16 or float32 and run the merge again; merged/ was not written")
+    metrics.update(merge_check=check, merge_math_rel_diff=math["max_rel_logit_diff"],
+                   storage_rel_diff=storage["max_rel_logit_diff"],
+                   delta_lost_to_rounding=storage["delta_lost_to_rounding"], base=str(base),
+                   headline=["merge_math_rel_diff", "storage_rel_diff", "delta_lost_to_rounding", "untied", "vocab_size"])
     return metrics

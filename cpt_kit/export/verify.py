@@ -4,7 +4,8 @@
 - tokenizer: HF ids == llama.cpp ids (`Llama(vocab_only=True).tokenize(text, add_bos, special=True)`)
   on held-out documents, target-language probes and special-token / chat-template texts.
 - perplexity: token-weighted perplexity of the same held-out token blocks for the HF model and
-  every GGUF (llama.cpp evaluates the ids with logits_all); F16 must be within max_f16_ppl_delta.
+  every GGUF (`cpt_kit.perplexity`, chunked over the sequence), with token counts and 95%
+  intervals; F16 must be within max_f16_ppl_delta.
 - chat_template (chat models): the Modelfile TEMPLATE, rendered by Go's text/template as Ollama does
   (SYSTEM prepended), gives the same prompt as the tokenizer's chat template on several
   conversations; skipped, and said so, without a Go toolchain.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 LANGUAGE_PROBES = (
     "Ĉu vi ŝatas ĝin? Ĥoro, ĵaŭdo, aŭto: ĈĜĤĴŜŬ ĉĝĥĵŝŭ.",
@@ -159,37 +160,18 @@ def check_chat_template(tokenizer, template: str, system: Optional[str]) -> dict
     return result
 
 
-def hf_perplexity(model, blocks: list[list[int]], batch_size: int = 4) -> float:
-    """Token-weighted perplexity of the HF model: the evaluate stage's own measure, on the same blocks."""
-    from cpt_kit.evaluate import perplexity
+def perplexity_intervals(check: dict, hf, ggufs: dict) -> dict:
+    """Token counts and 95% intervals (`cpt_kit.perplexity` BlockScores) added to compare_perplexity's result:
+    the HF perplexity's interval, each format's and each format's paired delta vs HF."""
+    from cpt_kit.perplexity import paired_change
 
-    return float(perplexity(model, blocks, batch_size)["perplexity"])
-
-
-def gguf_perplexity(gguf: Path, blocks: list[list[int]], n_threads: Optional[int] = None,
-                    advance: Optional[Callable[[int], None]] = None) -> float:
-    """The same perplexity with llama.cpp: eval each block's ids, logits for every position;
-    `advance(1)` after each block (progress)."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    length = max(len(b) for b in blocks)
-    llm = Llama(model_path=str(gguf), n_ctx=length, n_batch=length, n_ubatch=length, logits_all=True,
-                n_threads=n_threads, verbose=False)
-    total, count = 0.0, 0
-    for block in blocks:
-        llm.reset()
-        llm.eval(list(block))
-        logits = np.asarray(llm.scores[: len(block) - 1], dtype=np.float64)
-        peak = logits.max(axis=1, keepdims=True)
-        log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
-        targets = np.asarray(block[1:])
-        total += float((log_z - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
-        if advance is not None:
-            advance(1)
-    del llm
-    return math.exp(total / count)
+    check.update(tokens=hf.total_tokens, hf_ci95=hf.report()["ci95"])
+    for name, scores in ggufs.items():
+        change = paired_change(hf, scores)
+        check["formats"][name].update(
+            tokens=scores.total_tokens, ci95=scores.report()["ci95"],
+            delta_ci95=[c / 100.0 for c in change["ci95"]] if change["ci95"] else None)
+    return check
 
 
 def compare_perplexity(hf: float, ggufs: dict[str, float], reference: str, max_delta: float) -> dict:

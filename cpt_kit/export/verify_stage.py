@@ -58,12 +58,13 @@ def written_modelfile(run_dir):
 
 def run(ctx) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from cpt_kit.export import verify
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
+    from cpt_kit.perplexity import gguf_scores, hf_scores, load_scoring_model
     from cpt_kit.progress import progress
 
     recipe, run_dir = ctx.recipe, ctx.run
@@ -89,18 +90,23 @@ def run(ctx) -> dict:
     else:
         blocks, block_source = probe_blocks(tokenizer, texts, min(recipe.model.max_seq_length, 128), limit), "probe_texts"
         ctx.log("no held-out data in this run: perplexity is compared on the probe texts")
-    model = AutoModelForCausalLM.from_pretrained(run_dir.merged, dtype=torch.float32)
-    with progress(ctx.console, "perplexity HF", None, heartbeat=True):
-        hf = verify.hf_perplexity(model, blocks)
+    model = load_scoring_model(run_dir.merged)
+    with progress(ctx.console, "perplexity HF", len(blocks), unit="blocks") as bar:
+        hf_blocks = hf_scores(model, blocks, advance=bar.advance)
     del model
     with progress(ctx.console, "perplexity GGUF", len(blocks) * len(files), unit="blocks") as bar:
-        ggufs = {name: verify.gguf_perplexity(path, blocks, threads, bar.advance) for name, path in files.items()}
-    checks["perplexity"] = verify.compare_perplexity(hf, ggufs, reference, recipe.export.max_f16_ppl_delta)
+        gguf_blocks = {name: gguf_scores(path, blocks, threads, advance=bar.advance) for name, path in files.items()}
+    hf = hf_blocks.perplexity
+    checks["perplexity"] = verify.compare_perplexity(hf, {n: s.perplexity for n, s in gguf_blocks.items()},
+                                                     reference, recipe.export.max_f16_ppl_delta)
+    verify.perplexity_intervals(checks["perplexity"], hf_blocks, gguf_blocks)
     checks["perplexity"]["blocks"] = len(blocks)
     checks["perplexity"]["block_source"] = block_source
     checks["perplexity"]["block_length"] = len(blocks[0]) if blocks else 0
-    ctx.log("perplexity: HF {:.4g}; ".format(hf) + ", ".join(
-        f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%})" for n, f in checks["perplexity"]["formats"].items()))
+    ctx.log(f"perplexity on {hf_blocks.total_tokens:,} tokens ({len(blocks)} blocks): HF {hf:.4g}; " + ", ".join(
+        f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%}" + (f" [{f['delta_ci95'][0]:+.3%}, {f['delta_ci95'][1]:+.3%}])"
+                                                           if f["delta_ci95"] else ")")
+        for n, f in checks["perplexity"]["formats"].items()))
 
     modelfile = written_modelfile(run_dir)
     if jinja_text(tokenizer) and modelfile.template not in (None, COMPLETION_TEMPLATE):
