@@ -90,8 +90,9 @@ def _head_matches_model(model, body, logits_fn, ids) -> bool:
     import torch
 
     prefix = ids[:1, : min(ids.shape[1], 16)]
-    expected = model(input_ids=prefix).logits[0].float()
-    actual = logits_fn(body(input_ids=prefix).last_hidden_state[0]).float()
+    with torch.no_grad():
+        expected = model(input_ids=prefix).logits[0].float()
+        actual = logits_fn(body(input_ids=prefix).last_hidden_state[0]).float()
     return bool(torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp(min=1))))
 
 
