@@ -110,6 +110,10 @@ def test_verify_passes_on_a_correct_export(exported_chatml, tiny_chatml, tiny_re
     template = report["checks"]["chat_template"]
     assert template["passed"] and template["conversations"] == ["one_turn", "multi_turn", "system_multi_turn"]
     assert metrics["chat_template_go_render"] == "identical"
+    assert ppl["tokens"] == 6 * 63 and ppl["hf_ci95"][0] < ppl["hf"] < ppl["hf_ci95"][1]
+    for fmt in ppl["formats"].values():  # every perplexity with its token count and 95% intervals
+        assert fmt["tokens"] == 6 * 63 and fmt["ci95"][0] < fmt["perplexity"] < fmt["ci95"][1]
+        assert fmt["delta_ci95"][0] <= fmt["delta"] <= fmt["delta_ci95"][1]
     stop = report["checks"]["stop"]
     assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
     assert stop["forced"]["finish_reason"] == "stop" and stop["forced"]["tokens"] <= stop["forced"]["after"]
