@@ -125,6 +125,8 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "ppl_base": round(held["base"]["perplexity"], 4),
         "ppl_trained": round(held["trained"]["perplexity"], 4),
+        "ppl_base_ci": held["base"]["ci95"],
+        "ppl_trained_ci": held["trained"]["ci95"],
         "ppl_change_pct": round(held["change_pct"], 2),
         "ppl_change_ci95": _interval_text(held["change_pct_ci95"]),
         "ppl_change_significant": held["significant"],
@@ -137,6 +139,8 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     if replay:
         metrics.update(replay_ppl_base=round(replay["base"]["perplexity"], 4),
                        replay_ppl_trained=round(replay["trained"]["perplexity"], 4),
+                       replay_ppl_base_ci=replay["base"]["ci95"], replay_ppl_trained_ci=replay["trained"]["ci95"],
+                       replay_tokens=replay["base"]["tokens"],
                        replay_ppl_change_pct=round(replay["change_pct"], 2),
                        replay_ppl_change_ci95=_interval_text(replay["change_pct_ci95"]))
         metrics["headline"] += ["replay_ppl_base", "replay_ppl_trained"]

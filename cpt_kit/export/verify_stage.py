@@ -64,7 +64,7 @@ def run(ctx) -> dict:
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
-    from cpt_kit.perplexity import gguf_scores, hf_scores, load_scoring_model
+    from cpt_kit.perplexity import FEW_BLOCKS, gguf_scores, hf_scores, load_scoring_model
     from cpt_kit.progress import progress
 
     recipe, run_dir = ctx.recipe, ctx.run
@@ -122,6 +122,9 @@ def run(ctx) -> dict:
 
     summary = verify.summarize(checks)
     warnings = checks["perplexity"].pop("warnings")
+    if len(blocks) < FEW_BLOCKS:
+        warnings.append(f"perplexity compared on {len(blocks)} block(s), {hf_blocks.total_tokens} tokens: differences "
+                        "inside the delta_ci95 intervals in verify.json are noise")
     if checks["tokenizer"]["leading_space_quirk"]:
         warnings.append(f"{len(checks['tokenizer']['leading_space_quirk'])} probe text(s) where text that begins "
                         "with a space (at the start or after a special token) gets one extra '\u2581' token in "
@@ -168,6 +171,7 @@ def run(ctx) -> dict:
                                 hint="see verify.json; re-run the gguf stage from the merged model")
     formats = checks["perplexity"]["formats"]
     metrics = {"passed": True, "tokenizer_texts": checks["tokenizer"]["texts"], "ppl_hf": round(hf, 4),
+               "perplexity_tokens": hf_blocks.total_tokens,
                **{f"ppl_{n}": round(f["perplexity"], 4) for n, f in formats.items()},
                **{f"ppl_delta_{n}": round(f["delta"], 5) for n, f in formats.items()},
                "warnings": warnings, "headline": ["passed", "ppl_hf", f"ppl_{reference}"]}
