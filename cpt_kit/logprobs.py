@@ -58,10 +58,11 @@ def _chunk_from_logits(logits, targets, block: int, start: int, rows: bool) -> C
     """log-softmax of one chunk of logits (torch, [n, vocab]) computed in fp32."""
     import torch
 
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    target_lp = logits.gather(1, targets[:, None])[:, 0] - log_z
-    full = (logits - log_z[:, None]).cpu().numpy() if rows else None
+    with torch.no_grad():
+        logits = logits.float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        target_lp = logits.gather(1, targets[:, None])[:, 0] - log_z
+        full = (logits - log_z[:, None]).cpu().numpy() if rows else None
     return Chunk(block, start, targets.cpu().numpy().astype(np.int64), target_lp.cpu().numpy(), full)
 
 
@@ -110,37 +111,38 @@ def hf_chunks(model: Any, blocks: Sequence[Sequence[int]], *, chunk_tokens: Opti
     split = _head(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     chunk_tokens = chunk_tokens or chunk_tokens_for(vocab or 2**18)
+    verified = False
     was_training = model.training
     model.eval()
+    no_grad = torch.no_grad()  # entered per step, never across a yield (the caller's code runs in between)
     try:
-        with torch.no_grad():
-            order = [i for i, b in enumerate(blocks) if len(b) >= 2]
-            verified = False
-            for first in range(0, len(order), batch_size):
-                index = order[first:first + batch_size]
-                by_length: dict[int, list[int]] = {}
-                for i in index:
-                    by_length.setdefault(len(blocks[i]), []).append(i)
-                for length in sorted(by_length):
-                    group = by_length[length]
-                    ids = torch.tensor([list(map(int, blocks[i])) for i in group], dtype=torch.long, device=device)
-                    if split is not None and not verified:
-                        split = split if _head_matches_model(model, *split, ids) else None
-                        verified = True
-                    if split is None:  # score block by block with the model's own forward
-                        for row, i in enumerate(group):
-                            logits = model(input_ids=ids[row:row + 1]).logits[0]
-                            for start, stop in _spans(length, chunk_tokens):
-                                yield _chunk_from_logits(logits[start:stop], ids[row, start + 1:stop + 1], i, start, rows)
-                            del logits
-                        continue
-                    body, logits_fn = split
-                    hidden = body(input_ids=ids).last_hidden_state
+        order = [i for i, b in enumerate(blocks) if len(b) >= 2]
+        for first in range(0, len(order), batch_size):
+            by_length: dict[int, list[int]] = {}
+            for i in order[first:first + batch_size]:
+                by_length.setdefault(len(blocks[i]), []).append(i)
+            for length, group in sorted(by_length.items()):
+                ids = torch.tensor([list(map(int, blocks[i])) for i in group], dtype=torch.long, device=device)
+                if split is not None and not verified:
+                    split, verified = (split if _head_matches_model(model, *split, ids) else None), True
+                if split is None:  # score block by block with the model's own forward
                     for row, i in enumerate(group):
+                        with no_grad:
+                            logits = model(input_ids=ids[row:row + 1]).logits[0]
                         for start, stop in _spans(length, chunk_tokens):
-                            yield _chunk_from_logits(logits_fn(hidden[row, start:stop]), ids[row, start + 1:stop + 1],
-                                                     i, start, rows)
-                    del hidden
+                            yield _chunk_from_logits(logits[start:stop], ids[row, start + 1:stop + 1], i, start, rows)
+                        del logits
+                    continue
+                body, logits_fn = split
+                with no_grad:
+                    hidden = body(input_ids=ids).last_hidden_state
+                for row, i in enumerate(group):
+                    for start, stop in _spans(length, chunk_tokens):
+                        with no_grad:
+                            logits = logits_fn(hidden[row, start:stop])
+                        yield _chunk_from_logits(logits, ids[row, start + 1:stop + 1], i, start, rows)
+                        del logits
+                del hidden
     finally:
         if was_training:
             model.train()

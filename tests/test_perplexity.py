@@ -107,6 +107,19 @@ def test_rows_are_log_softmax_and_chunks_cover_every_position():
         assert list(c.targets) == blocks[c.block][c.start + 1:c.start + 1 + len(c.targets)]
 
 
+def test_iterating_chunks_leaves_grad_mode_and_training_mode_to_the_caller():
+    import torch
+
+    from cpt_kit.logprobs import hf_chunks
+
+    model = _tiny_llama().train()
+    chunks = hf_chunks(model, _blocks(2, 20, 300), chunk_tokens=8)
+    next(chunks)
+    assert torch.is_grad_enabled()  # the caller's code between chunks runs with its own grad mode
+    list(chunks)
+    assert model.training
+
+
 def test_perplexity_interval_and_token_count():
     from cpt_kit.perplexity import BlockScores
 

@@ -3,7 +3,7 @@
 math (the oracle): the merged weights exactly as the merge computes them, in fp32 BEFORE rounding
 to the stored dtype, are loaded into the model; its logits must equal those of base + adapter run
 by PEFT (fp32) within `MATH_TOLERANCE` of the largest |logit|. In fp32 only summation-order noise
-is left (about 1e-7 relative on the test models), so a wrong scaling, a transposed or a missing
+is left (under 1e-6 relative on the test models), so a wrong scaling, a transposed or a missing
 delta shows even when training moved the weights very little. The error is also given as a share
 of the adapter's own effect on the logits (max |PEFT - base|).
 
@@ -23,8 +23,11 @@ from pathlib import Path
 
 from cpt_kit.errors import ExportError
 
-MATH_TOLERANCE = 1e-5
-"""Largest accepted |merged fp32 - PEFT| logit difference relative to the largest |PEFT logit|."""
+MATH_TOLERANCE = 1e-4
+"""Largest accepted |merged fp32 - PEFT| logit difference relative to the largest |PEFT logit|. Measured
+summation-order noise is 6e-7 to 9e-7 on the 2-layer test models; it grows with depth, so the gate keeps
+a margin for 30-layer models on GPUs while sitting 400x under the old bf16 gate (4e-2): a factor-2
+scaling error is caught whenever the adapter moves the logits by more than 0.01% of their range."""
 STORAGE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 4e-2}
 """Largest accepted |stored - merged fp32| logit difference relative to the largest |logit|, by stored dtype."""
 

@@ -76,8 +76,8 @@ def run(ctx) -> dict:
         if not storage["passed"]:
             raise ExportError(f"storing the merged weights in {storage['dtype']} changes the logits by "
                               f"{storage['max_rel_logit_diff']:.3g} (relative; tolerance {storage['tolerance']:g})",
-                              where=str(run_dir.adapter), hint="values out of range for this dtype? set model.dtype "
-                              "to bfloat16 or float32 and run the merge again; merged/ was not written")
+                              where=str(run_dir.adapter), hint="merged values out of this dtype's range (fp16 overflow)? save the "
+                              "base in bfloat16 or float32, point model.base at it and merge again; merged/ was not written")
     metrics.update(merge_check=check, merge_math_rel_diff=math["max_rel_logit_diff"],
                    storage_rel_diff=storage["max_rel_logit_diff"],
                    delta_lost_to_rounding=storage["delta_lost_to_rounding"], base=str(base),
