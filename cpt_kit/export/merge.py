@@ -264,7 +264,7 @@ def changed_tensors(base_dir: Path, adapter_dir: Path) -> Iterator[tuple[str, ob
     weight_map, _index = base_files(base_dir)
     embed_key = next((k for k in ("model.embed_tokens.weight", "transformer.wte.weight") if k in weight_map), None)
     tied_embed_key = embed_key if "lm_head.weight" not in weight_map else None
-    changed_modules = {f"{m}.weight" for m in adapter.lora}
+    changed = {f"{m}.weight" for m in adapter.lora} | set(adapter.full) | set(adapter.original)
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
@@ -272,7 +272,7 @@ def changed_tensors(base_dir: Path, adapter_dir: Path) -> Iterator[tuple[str, ob
         with Reader(Path(base_dir) / shard) as handle:
             base = _Base(adapter, handle)
             for entry in _shard_entries(adapter, base, names, tied_embed_key):
-                if entry.name in weight_map and entry.name not in adapter.full and entry.name not in changed_modules:
+                if entry.name in weight_map and entry.name not in changed:
                     continue
                 source = embed_key if entry.name not in weight_map else entry.name
                 reference = base.get(source)
