@@ -53,12 +53,16 @@ class BlockScores:
     def report(self) -> dict[str, Any]:
         """{perplexity, nll_per_token, tokens, blocks, ci95: [low, high] or None}."""
         return {"perplexity": self.perplexity, "nll_per_token": self.nll_per_token, "tokens": self.total_tokens,
-                "blocks": len(self.tokens), "ci95": _interval(self, None, lambda nll, tokens, _nll, _tokens: np.exp(nll / tokens))}
+                "blocks": len(self.tokens), "ci95": _interval(self, None, _perplexity_of)}
+
+
+def _perplexity_of(nll, tokens, _other_nll, _other_tokens):
+    return np.exp(nll / tokens)
 
 
 def block_scores(chunks: Iterable[Chunk], n_blocks: int,
                  advance: Optional[Callable[[int], Any]] = None) -> BlockScores:
-    """Sum chunk NLLs per block (float64); blocks with no scored token keep 0 tokens and are dropped.
+    """Sum chunk NLLs per block (float64); blocks with no scored token (shorter than 2 ids) are left out.
     `advance(1)` is called once per block as its first chunk arrives (progress)."""
     nll = np.zeros(n_blocks, dtype=np.float64)
     tokens = np.zeros(n_blocks, dtype=np.int64)
