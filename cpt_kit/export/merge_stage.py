@@ -64,7 +64,7 @@ def run(ctx) -> dict:
         math, storage = check["math"], check["storage"]
         share = math["error_vs_adapter_effect"]
         ctx.log(f"merge math (fp32) vs base+adapter in PEFT: relative logit diff {math['max_rel_logit_diff']:.3g} "
-                f"(tolerance {math['tolerance']:g}" + (f"; {share:.2%} of the adapter's effect)" if share is not None else ")"))
+                f"(tolerance {math['tolerance']:g}" + (f"; {share:.2g} of the adapter's own effect)" if share is not None else ")"))
         ctx.log(f"stored in {storage['dtype']}: logits move by {storage['max_rel_logit_diff']:.3g} relative "
                 f"(tolerance {storage['tolerance']:g}); rounding lost {storage['delta_lost_to_rounding']:.2%} "
                 f"of the training's weight change")
