@@ -1,4 +1,5 @@
-"""Evaluate stage: token-weighted perplexity, replay (forgetting) and an extended vocabulary."""
+"""Evaluate stage: token-weighted perplexity with token counts and intervals, replay (forgetting) and an
+extended vocabulary."""
 
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ def test_replay_forgetting_and_extended_vocabulary(tmp_path, tiny_recipe, genera
     assert math.isfinite(ev["replay_ppl_base"]) and math.isfinite(ev["replay_ppl_trained"])
     report = json.loads((root / "eval" / "perplexity.json").read_text())
     assert set(report["sets"]) == {"heldout", "replay"} and report["weighting"] == "token"
+    for scores in report["sets"].values():  # every perplexity with its token count and interval
+        for side in ("base", "trained"):
+            ppl = scores[side]
+            assert ppl["tokens"] == ppl["blocks"] * (recipe.model.max_seq_length - 1)
+            assert ppl["ci95"][0] < ppl["perplexity"] < ppl["ci95"][1]
+        assert scores["change_pct_ci95"][0] <= scores["change_pct"] <= scores["change_pct_ci95"][1]
+        assert scores["significant"] == (scores["change_pct_ci95"][1] < 0 or scores["change_pct_ci95"][0] > 0)
+    assert ev["heldout_tokens"] == report["sets"]["heldout"]["base"]["tokens"] and ev["ppl_change_ci95"]
     info = json.loads((root / "adapter" / "cpt_kit_train.json").read_text())
     ext = json.loads((root / "data" / "tokenizer_extension.json").read_text())
     assert ext["added"] and info["tokenizer_extended"] is True
