@@ -168,7 +168,9 @@ def gguf_chunks(gguf: Path | Any, blocks: Sequence[Sequence[int]], *, chunk_toke
                     logits_all=False, n_threads=n_threads, verbose=False)
     else:
         llm = gguf
-        chunk_tokens = min(chunk_tokens or chunk_tokens_for(llm.n_vocab()), llm.n_batch)
+        if chunk_tokens and chunk_tokens > llm.n_batch:
+            raise ValueError(f"chunk_tokens={chunk_tokens} is larger than this Llama's n_batch ({llm.n_batch})")
+        chunk_tokens = chunk_tokens or min(chunk_tokens_for(llm.n_vocab()), llm.n_batch)
     vocab = llm.n_vocab()
     batch = llama_cpp.llama_batch_init(chunk_tokens, 0, 1)
     memory = llama_cpp.llama_get_memory(llm.ctx)
