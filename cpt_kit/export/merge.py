@@ -250,7 +250,8 @@ def _shard_entries(adapter: Adapter, base: _Base, names: list[str], tied_embed_k
         if name == tied_embed_key:
             head = _tied_head(adapter, base, name)
             if head is not None:
-                head_shape = adapter.shape(adapter.full["lm_head.weight"]) if "lm_head.weight" in adapter.full else shape
+                head_shape = (adapter.shape(adapter.full["lm_head.weight"]) if "lm_head.weight" in adapter.full
+                              else shape)
                 entries.append(Entry("lm_head.weight", dtype, head_shape, head))
     return entries
 

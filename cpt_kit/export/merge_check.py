@@ -59,7 +59,8 @@ def _full_fp32():
     """Matmuls in true fp32 (no TF32) for the duration of the check; the previous settings come back."""
     import torch
 
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -113,8 +114,10 @@ def check_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, ids) -> dic
             try:
                 merged.get_parameter(name).copy_(exact)
             except AttributeError:
-                raise ExportError(f"merged tensor {name} is not a parameter of the loaded model", where=str(merged_dir),
-                                  hint="this architecture renames weights on load; the merge check cannot map them") from None
+                raise ExportError(f"merged tensor {name} is not a parameter of the loaded model",
+                                  where=str(merged_dir),
+                                  hint="this architecture renames weights on load; the merge check cannot map them"
+                                  ) from None
             tensors += 1
         exact_logits = merged(input_ids=ids).logits.float().cpu()
         del merged

@@ -63,8 +63,9 @@ def run(ctx) -> dict:
         check = check_merge(base, run_dir.adapter, tmp, ids)
         math, storage = check["math"], check["storage"]
         share = math["error_vs_adapter_effect"]
+        share_text = f"; {share:.2g} of the adapter's own effect" if share is not None else ""
         ctx.log(f"merge math (fp32) vs base+adapter in PEFT: relative logit diff {math['max_rel_logit_diff']:.3g} "
-                f"(tolerance {math['tolerance']:g}" + (f"; {share:.2g} of the adapter's own effect)" if share is not None else ")"))
+                f"(tolerance {math['tolerance']:g}{share_text})")
         ctx.log(f"stored in {storage['dtype']}: logits move by {storage['max_rel_logit_diff']:.3g} relative "
                 f"(tolerance {storage['tolerance']:g}); rounding lost {storage['delta_lost_to_rounding']:.2%} "
                 f"of the training's weight change")
@@ -76,10 +77,12 @@ def run(ctx) -> dict:
         if not storage["passed"]:
             raise ExportError(f"storing the merged weights in {storage['dtype']} changes the logits by "
                               f"{storage['max_rel_logit_diff']:.3g} (relative; tolerance {storage['tolerance']:g})",
-                              where=str(run_dir.adapter), hint="merged values out of this dtype's range (fp16 overflow)? save the "
-                              "base in bfloat16 or float32, point model.base at it and merge again; merged/ was not written")
+                              where=str(run_dir.adapter),
+                              hint="merged values out of this dtype's range (fp16 overflow)? save the base in "
+                                   "bfloat16 or float32, point model.base at it and merge again; merged/ was not written")
     metrics.update(merge_check=check, merge_math_rel_diff=math["max_rel_logit_diff"],
                    storage_rel_diff=storage["max_rel_logit_diff"],
                    delta_lost_to_rounding=storage["delta_lost_to_rounding"], base=str(base),
-                   headline=["merge_math_rel_diff", "storage_rel_diff", "delta_lost_to_rounding", "untied", "vocab_size"])
+                   headline=["merge_math_rel_diff", "storage_rel_diff", "delta_lost_to_rounding", "untied",
+                             "vocab_size"])
     return metrics
