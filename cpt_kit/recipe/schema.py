@@ -81,16 +81,32 @@ class TokenizerExtension:
 class Data:
     sources: tuple[str, ...] = ()
     """Corpus: text files, directories, globs, .jsonl/.parquet files, local dataset dirs or hf:NAME[:CONFIG]."""
+    split_by: str = "paragraph"
+    """How text files (.txt/.md) split into documents: file (one document per file), paragraph
+    (blank lines), line (every line), or a regex matching whole separator lines (e.g. "%" or
+    "</?doc[^>]*>"). Default paragraph: most raw corpora arrive as one big file (a dump, a book,
+    a concatenated dataset) with blank lines between texts, and paragraphs keep poems, code and
+    tables whole where line would cut them; consecutive paragraphs still pack next to each
+    other. Use file for a folder with one document per file."""
+    long_document_chars: int = 100_000
+    """Documents longer than this many characters are cut into pieces of at most this size, at
+    the last paragraph break, else line break, else space (a hard cut only for text without
+    whitespace); pieces pack in order, so only an EOS is added per cut. Bounds memory per
+    document; stats.json counts the cuts by kind."""
     text_field: str = "text"
     """Field holding the text in JSONL/Parquet/dataset rows."""
     hf_split: str = "train"
     """Split of a Hugging Face dataset source."""
     streaming: bool = False
-    """Stream Hugging Face datasets instead of downloading them whole."""
+    """Stream Hugging Face datasets instead of downloading them whole (replay sources always stream)."""
     max_documents: Optional[int] = None
     """Stop reading after this many documents per source (useful with streaming)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """Non-UTF-8 bytes: strict stops with the file and byte offset; replace substitutes U+FFFD."""
+    collapse_whitespace: bool = False
+    """Cleaning also collapses runs of spaces and strips every line's indentation (off: only
+    trailing whitespace and runs of blank lines are normalised, so code, poetry and tables keep
+    their layout)."""
     min_chars: int = 20
     """Drop documents shorter than this after cleaning."""
     max_chars: Optional[int] = None
@@ -103,12 +119,20 @@ class Data:
     """Estimated Jaccard similarity above which two documents are near duplicates."""
     heldout_fraction: float = 0.02
     """Share of documents held out for evaluation (split by document, deterministic)."""
+    heldout_min_blocks: int = 16
+    """The held-out set grows (more documents, deterministic order) to at least this many blocks:
+    fewer make every perplexity noise and leave nothing to bootstrap over."""
+    heldout_min_tokens: int = 8192
+    """...and to at least this many tokens (about 1-2% standard error on a perplexity)."""
+    heldout_max_share: float = 0.1
+    """The growth stops at this share of the corpus tokens (training text matters more); prepare
+    warns when that leaves the held-out set under the minimum."""
     min_train_blocks: int = 8
     """Fewest packed training blocks accepted; a smaller corpus is an error, not a 0-step run."""
     seed: int = 0
     """Seed of the held-out split and mixing."""
     num_proc: int = 2
-    """Processes used to tokenize."""
+    """Batches tokenized at once, in threads (the Rust tokenizer releases the GIL)."""
     replay: Optional[Replay] = None
     """General text mixed into training against catastrophic forgetting."""
     extend_tokenizer: Optional[TokenizerExtension] = None
