@@ -61,16 +61,43 @@ def _words(n: int, seed: int) -> list[str]:
 def test_near_dedup_catches_small_edit_not_different_text():
     words = _words(300, 1)
     near = NearDeduper(threshold=0.8)
-    assert not near.is_duplicate(0, " ".join(words))
+    assert not near.is_duplicate(" ".join(words))
     edited = list(words)
     edited[150] = "alia"
-    assert near.is_duplicate(1, " ".join(edited))
-    assert not near.is_duplicate(2, " ".join(_words(300, 2)))
+    assert near.is_duplicate(" ".join(edited))
+    assert not near.is_duplicate(" ".join(_words(300, 2)))
 
 
 def test_short_documents_use_character_shingles():
     assert all(len(s) == 5 for s in shingles("La kato dormas bone."))
     assert all(len(s.split()) == 5 for s in shingles(" ".join(_words(40, 3))))
     near = NearDeduper(threshold=0.7)
-    assert not near.is_duplicate(0, "La granda kato dormas sur la tapi\u0109o.")
-    assert near.is_duplicate(1, "La granda kato dormas sur la tapi\u0109o!")
+    assert not near.is_duplicate("La granda kato dormas sur la tapi\u0109o.")
+    assert near.is_duplicate("La granda kato dormas sur la tapi\u0109o!")
+
+
+def test_signature_estimates_jaccard_of_shingle_sets():
+    import numpy as np
+
+    near = NearDeduper(threshold=0.85)
+    base = _words(600, 7)
+    for changed in (30, 120, 300):
+        edited = list(base)
+        for i in range(0, 600, 600 // changed):
+            edited[i] = "alia"
+        a, b = set(shingles(" ".join(base))), set(shingles(" ".join(edited)))
+        true = len(a & b) / len(a | b)
+        estimate = float(np.mean(near.signature(" ".join(base)) == near.signature(" ".join(edited))))
+        assert abs(estimate - true) < 0.15, (changed, true, estimate)
+
+
+def test_dedup_indexes_merge_and_still_find_earlier_documents(monkeypatch):
+    from cpt_kit.data import dedup
+
+    monkeypatch.setattr(dedup, "MERGE_EVERY", 16)
+    exact, near = ExactDeduper(), NearDeduper(threshold=0.8)
+    docs = [" ".join(_words(60, 100 + i)) for i in range(80)]
+    assert not any(exact.is_duplicate(d) or near.is_duplicate(d) for d in docs)
+    assert len(exact._seen.keys) >= 64 and len(near._buckets.keys) >= 64  # merged into the sorted arrays
+    assert all(exact.is_duplicate(d) for d in docs)
+    assert all(near.is_duplicate(d.replace(" ", "  ", 1) + " fino") for d in docs[::7])

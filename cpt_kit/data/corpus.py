@@ -70,7 +70,7 @@ def clean_documents(sources: list[Source], options: ReadOptions, cleaning: Clean
             reason = length_reason(text, cleaning.min_chars, cleaning.max_chars)
             if reason is None and exact is not None and exact.is_duplicate(text):
                 reason = "exact_duplicate"
-            if reason is None and near is not None and near.is_duplicate(stats.kept, text):
+            if reason is None and near is not None and near.is_duplicate(text):
                 reason = "near_duplicate"
             if reason is not None:
                 stats.dropped[reason] += 1

@@ -171,7 +171,13 @@ def _read_corpus(d: Data, tokenizer, progress, work: Path, ctx) -> tuple[Spilled
 
 
 def _read_replay(d: Data, tokenizer, progress, work: Path, wanted_blocks: int, block: int) -> tuple[Spilled, CorpusStats]:
-    """Replay text, streamed, read only until it gives the wanted blocks plus its held-out set."""
+    """Replay text, streamed, read only until it gives the wanted blocks plus its held-out set.
+
+    Enough means: the training side (split position >= the replay held-out fraction) covers the
+    wanted blocks plus what the held-out side still lacks of its minimum, plus a margin of one
+    block and the largest document seen; and the text read is large enough for that minimum to
+    fit within data.heldout_max_share.
+    """
     r = d.replay
     stats = CorpusStats(split_by=d.split_by)
     docs = _documents(r.sources, d, r.text_field, "data.replay.sources", stats, progress, "replay text", True)
@@ -187,7 +193,8 @@ def _read_replay(d: Data, tokenizer, progress, work: Path, wanted_blocks: int, b
         seen["train"] += int(lengths[~held].sum())
         seen["largest"] = max(seen["largest"], int(lengths.max(initial=0)))
         margin = block + seen["largest"]
-        done = seen["train"] >= wanted_blocks * block + max(0, need_held - seen["held"]) + margin
+        done = (seen["train"] >= wanted_blocks * block + max(0, need_held - seen["held"]) + margin
+                and seen["train"] + seen["held"] >= need_held / d.heldout_max_share)
         stats.stopped_early |= done
         return done
 

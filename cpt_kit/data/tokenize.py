@@ -62,7 +62,9 @@ def with_specials(ids: list[list[int]], bos: Optional[int], eos: int):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
 
 
-def text_batches(texts: Iterable[str], max_chars: int = BATCH_CHARS, max_docs: int = BATCH_DOCS) -> Iterator[list[str]]:
+def text_batches(texts: Iterable[str], max_chars: int | None = None) -> Iterator[list[str]]:
+    """Lists of documents of about max_chars (default BATCH_CHARS) characters, at most BATCH_DOCS each."""
+    max_chars, max_docs = max_chars or BATCH_CHARS, BATCH_DOCS
     batch, size = [], 0
     for text in texts:
         batch.append(text)
