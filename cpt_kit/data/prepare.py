@@ -1,5 +1,13 @@
 """The `prepare` stage: sources -> cleaned, deduplicated, tokenized, packed train/held-out sets.
 
+Streams end to end, in memory bounded by a constant plus the deduplication indexes (about 320
+bytes per kept document): documents are read in chunks (sources.py, text_files.py), cleaned and
+deduplicated one at a time (corpus.py), tokenized in threads and spilled with their token ids
+to an Arrow file (spill.py), split by document with a minimum held-out size (split.py), then
+read back once to pack blocks straight into the output datasets (pack.py), with replay blocks
+interleaved (mix.py). With extend_tokenizer the spill is text-only first and tokenized after
+the extension. Replay text is read only until it gives what the mix needs.
+
 Writes (all under `data/`, built in a temporary directory and renamed into place, so a crash
 never leaves a half-written dataset): `train/`, `heldout/`, `replay_heldout/` (with replay),
 `heldout_texts.jsonl`, `tokenizer/`, `tokenizer_extension.json` (with extend_tokenizer),
@@ -10,67 +18,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from cpt_kit.data.corpus import Cleaning, CorpusStats, clean_documents
-from cpt_kit.data.pack import BlockWriter, Packer
+from cpt_kit.data.pack import BlockWriter
+from cpt_kit.data.part import Part, need_heldout_tokens
 from cpt_kit.data.sources import ReadOptions, expand_sources, source_fingerprint
 from cpt_kit.data.spill import Spilled, collect
-from cpt_kit.data.split import HeldOut, choose_heldout
 from cpt_kit.data.tokenize import text_batches
 from cpt_kit.errors import CptKitError, DataError
 from cpt_kit.recipe import Data
 
 PROGRESS_EVERY = 1000
-
-
-@dataclass
-class Part:
-    """One text collection (the corpus or the replay text) after reading, tokenization and split."""
-
-    label: str
-    key: str
-    read: CorpusStats
-    spilled: Spilled
-    held: HeldOut
-    block: int
-    specials_per_doc: int
-
-    @property
-    def tokens(self):
-        import numpy as np
-
-        return np.frombuffer(self.spilled.tokens, dtype=np.int64)
-
-    @property
-    def train_tokens(self) -> int:
-        return int(self.tokens[~self.held.mask].sum())
-
-    @property
-    def train_blocks(self) -> int:
-        return self.train_tokens // self.block
-
-    @property
-    def heldout_blocks(self) -> int:
-        return self.held.tokens // self.block
-
-    def stats(self) -> dict:
-        import numpy as np
-
-        n_held = int(self.held.mask.sum())
-        total, words = int(self.tokens.sum()), int(np.frombuffer(self.spilled.words, dtype=np.int64).sum())
-        content = total - self.specials_per_doc * len(self.spilled)
-        return {"documents": self.read.stats(),
-                "split": {"train_documents": len(self.spilled) - n_held, "heldout_documents": n_held},
-                "tokens": {"total": total, "train": self.train_tokens, "heldout": self.held.tokens,
-                           "dropped_train_tail": self.train_tokens % self.block,
-                           "dropped_heldout_tail": self.held.tokens % self.block,
-                           "heldout_wanted": self.held.need_tokens},
-                "blocks": {"train": self.train_blocks, "heldout": self.heldout_blocks},
-                "heldout_reached_minimum": not self.held.capped,
-                "words": words, "fertility": round(content / max(1, words), 4)}
 
 
 def _documents(entries, d: Data, text_field: str, key: str, stats: CorpusStats, progress, label: str,
@@ -97,58 +57,6 @@ def _check_documents(stats: CorpusStats, label: str, key: str) -> None:
                     hint=f"text files are cut into documents by data.split_by (now {stats.split_by!r}): for a corpus "
                          "in one file use 'paragraph' (blank lines), 'line' or a separator regex; otherwise add "
                          "text, or lower data.min_chars / loosen deduplication")
-
-
-def _need_tokens(d: Data, block: int) -> int:
-    """Held-out minimum in tokens: whole blocks, at least heldout_min_blocks and heldout_min_tokens."""
-    return max(d.heldout_min_blocks, -(-d.heldout_min_tokens // block)) * block
-
-
-def _part(label: str, key: str, read: CorpusStats, spilled: Spilled, fraction: float, d: Data, block: int,
-          specials: int) -> Part:
-    import numpy as np
-
-    held = choose_heldout(np.frombuffer(spilled.positions, dtype=np.float64),
-                          np.frombuffer(spilled.tokens, dtype=np.int64), fraction, _need_tokens(d, block),
-                          d.heldout_max_share)
-    return Part(label, key, read, spilled, held, block, specials)
-
-
-def _check_size(part: Part, d: Data, ctx) -> None:
-    block, total = part.block, int(part.tokens.sum())
-    where = f"{part.label} ({len(part.spilled)} documents, {total:,} tokens)"
-    if part.heldout_blocks == 0:
-        raise DataError(f"{where}: the held-out documents have {part.held.tokens:,} tokens, fewer than one "
-                        f"block of {block}", where=part.key, hint="add text, or lower model.max_seq_length")
-    need = d.min_train_blocks if part.label == "corpus" else 1
-    if part.train_blocks < need:
-        raise DataError(f"{where}: the training side has {part.train_tokens:,} tokens = {part.train_blocks} "
-                        f"blocks of {block}; need at least {need} blocks ({need * block:,} tokens)", where=part.key,
-                        hint="add text or lower model.max_seq_length / data.min_train_blocks")
-    if part.held.capped:
-        ctx.log(f"[yellow]{part.label}: the held-out set has {part.heldout_blocks} blocks ({part.held.tokens:,} "
-                f"tokens), fewer than the {part.held.need_tokens // block} wanted (data.heldout_min_blocks / "
-                f"heldout_min_tokens): the text is too small for that within data.heldout_max_share="
-                f"{d.heldout_max_share}. Perplexities on it are rough; add text if you can.[/yellow]")
-
-
-def _pack(part: Part, heldout: BlockWriter, heldout_texts=None) -> Iterator:
-    """Train blocks of `part` (2-D chunks) in document order; writes the held-out blocks (and texts) on the way."""
-    import numpy as np
-    import pyarrow as pa
-
-    train, held = Packer(part.block), Packer(part.block)
-    start = 0
-    for texts, ids in part.spilled.batches():
-        mask = part.held.mask[start:start + len(texts)]
-        start += len(texts)
-        if mask.any():
-            heldout.write(held.add(ids.filter(pa.array(mask)).flatten().to_numpy()))
-            if heldout_texts is not None:
-                for i in np.flatnonzero(mask):
-                    heldout_texts.write(json.dumps({"text": texts[i]}, ensure_ascii=False) + "\n")
-        if not mask.all():
-            yield train.add(ids.filter(pa.array(~mask)).flatten().to_numpy())
 
 
 def _read_corpus(d: Data, tokenizer, progress, work: Path, ctx) -> tuple[Spilled, CorpusStats, Any]:
@@ -181,7 +89,7 @@ def _read_replay(d: Data, tokenizer, progress, work: Path, wanted_blocks: int, b
     r = d.replay
     stats = CorpusStats(split_by=d.split_by)
     docs = _documents(r.sources, d, r.text_field, "data.replay.sources", stats, progress, "replay text", True)
-    need_held = _need_tokens(d, block)
+    need_held = need_heldout_tokens(d, block)
     seen = {"train": 0, "held": 0, "largest": 0}
 
     def enough(positions, ids) -> bool:
@@ -224,16 +132,16 @@ def run(ctx) -> dict[str, Any]:
         with task_progress(ctx.console, *columns) as progress:  # plain lines when output is not a terminal
             spilled, read, extension = _read_corpus(d, tokenizer, progress, work, ctx)
             specials = 1 + (special_ids(tokenizer)[0] is not None)
-            main = _part("corpus", "data.sources", read, spilled, d.heldout_fraction, d, block, specials)
-            _check_size(main, d, ctx)
+            main = Part.split("corpus", "data.sources", read, spilled, d.heldout_fraction, d, block, specials)
+            main.check(d.min_train_blocks, d.heldout_max_share, ctx.log)
             replay = None
             wanted = used = 0
             if d.replay is not None:
                 wanted = replay_blocks_wanted(main.train_blocks, d.replay.fraction)
                 rspilled, rread = _read_replay(d, tokenizer, progress, work, wanted, block)
-                replay = _part("replay text", "data.replay.sources", rread, rspilled, d.replay.heldout_fraction, d,
-                               block, specials)
-                _check_size(replay, d, ctx)
+                replay = Part.split("replay text", "data.replay.sources", rread, rspilled, d.replay.heldout_fraction,
+                                    d, block, specials)
+                replay.check(1, d.heldout_max_share, ctx.log)
                 used = min(wanted, replay.train_blocks)
                 if used < wanted:
                     ctx.log(f"[yellow]replay text gives {used} blocks, {wanted} wanted for data.replay.fraction="
@@ -242,10 +150,10 @@ def run(ctx) -> dict[str, Any]:
 
         with BlockWriter(tmp / "train", block) as train, BlockWriter(tmp / "heldout", block) as heldout, \
                 open(tmp / "heldout_texts.jsonl", "w", encoding="utf-8") as heldout_texts:
-            chunks = _pack(main, heldout, heldout_texts)
+            chunks = main.blocks(heldout, heldout_texts)
             if replay is not None:
                 with BlockWriter(tmp / "replay_heldout", block) as replay_heldout:
-                    replay_chunks = select_evenly(_pack(replay, replay_heldout), replay.train_blocks, used)
+                    replay_chunks = select_evenly(replay.blocks(replay_heldout), replay.train_blocks, used)
                     for chunk in interleave(chunks, main.train_blocks, replay_chunks, used):
                         train.write(chunk)
                     for _ in replay_chunks:  # the rest only writes replay held-out blocks

@@ -23,7 +23,6 @@ import codecs
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 from cpt_kit.errors import DataError
