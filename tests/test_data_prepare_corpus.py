@@ -89,7 +89,9 @@ def test_long_documents_are_cut_and_counted_in_stats(tiny_recipe, target_texts, 
     assert long["cut_at"]["space"] >= len(book) // 2000 and long["cut_at"]["hard"] == 0
 
 
-def test_replay_is_read_only_until_it_gives_enough(tiny_recipe, general_texts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["jsonl", "hf"])
+def test_replay_is_read_only_until_it_gives_enough(kind, tiny_recipe, general_texts, tmp_path, monkeypatch):
+    """A JSONL file, and a dataset loaded with load_dataset (hf:, streamed as a hub dataset would be)."""
     import numpy as np
 
     from cpt_kit.data import tokenize
@@ -101,11 +103,13 @@ def test_replay_is_read_only_until_it_gives_enough(tiny_recipe, general_texts, t
     sentences = paragraphs(general_texts)
     for i in range(3000):  # far more general text than 10% replay needs
         rows.append({"text": f"{i}. " + " ".join(rng.choice(sentences, size=2))})
-    replay_file = tmp_path / "general.jsonl"
+    replay_file = tmp_path / "general" / "data" / "train.jsonl"
+    replay_file.parent.mkdir(parents=True)
     replay_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     from cpt_kit.recipe import Replay
 
-    recipe = tiny_recipe(data={"dedup_near": False, "replay": Replay(sources=(str(replay_file),), fraction=0.1,
+    source = str(replay_file) if kind == "jsonl" else f"hf:{tmp_path / 'general'}"
+    recipe = tiny_recipe(data={"dedup_near": False, "replay": Replay(sources=(source,), fraction=0.1,
                                                                      heldout_fraction=0.05)})
     metrics, stats, _ = run_prepare(recipe, tmp_path / "run")
     replay = stats["replay"]
