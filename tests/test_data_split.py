@@ -49,3 +49,21 @@ def test_growth_stops_at_the_share_cap_and_says_so():
     assert held.capped and held.tokens <= 0.2 * 200 and held.tokens == 40
     enough = choose_heldout(_positions(texts), np.full(20, 10), 0.01, need_tokens=30, max_share=0.2)
     assert not enough.capped and enough.tokens == 30
+
+
+def test_replay_blocks_are_an_even_subset_interleaved_evenly():
+    from cpt_kit.data.mix import interleave, select_evenly
+
+    corpus = np.arange(100).reshape(50, 2)  # 50 blocks of 2 ids, arriving in uneven chunks
+    replay = -np.arange(1, 61).reshape(30, 2)
+    corpus_chunks = [corpus[:7], corpus[7:7], corpus[7:31], corpus[31:]]
+    replay_chunks = [replay[:13], replay[13:]]
+    chosen = np.concatenate(list(select_evenly(replay_chunks, total=30, wanted=10)))
+    assert len(chosen) == 10 and len({tuple(r) for r in chosen}) == 10
+    assert chosen[0, 0] == replay[2, 0] and chosen[-1, 0] == replay[29, 0]  # spans the whole replay text
+    mixed = np.concatenate(list(interleave(corpus_chunks, 50, [chosen[:4], chosen[4:]], 10, chunk=8)))
+    assert len(mixed) == 60
+    is_replay = mixed[:, 0] < 0
+    assert np.array_equal(mixed[~is_replay], corpus) and np.array_equal(mixed[is_replay], chosen)  # order kept
+    gaps = np.diff(np.flatnonzero(is_replay))
+    assert gaps.min() >= 5 and gaps.max() <= 7  # one replay block about every 6
