@@ -56,10 +56,10 @@ def separator_pattern(split_by: str) -> Optional[re.Pattern]:
     try:
         user = re.compile(split_by)
     except re.error as exc:
-        raise DataError(f"data.split_by {split_by!r} is not a valid regular expression ({exc})", where="data.split_by",
+        raise DataError(f"{split_by!r} is not a valid regular expression ({exc})", where="data.split_by",
                         hint="use file, paragraph, line, or a regex matching a whole separator line") from None
     if user.fullmatch(""):
-        raise DataError(f"data.split_by {split_by!r} matches an empty line, so every blank line would end a "
+        raise DataError(f"{split_by!r} matches an empty line, so every blank line would end a "
                         "document", where="data.split_by", hint="use split_by='paragraph' for blank-line splitting")
     return re.compile(rf"(?:^|\n)(?:{split_by})\r?(?:\n|$)", re.MULTILINE)
 

@@ -82,17 +82,9 @@ class Data:
     sources: tuple[str, ...] = ()
     """Corpus: text files, directories, globs, .jsonl/.parquet files, local dataset dirs or hf:NAME[:CONFIG]."""
     split_by: str = "paragraph"
-    """How text files (.txt/.md) split into documents: file (one document per file), paragraph
-    (blank lines), line (every line), or a regex matching whole separator lines (e.g. "%" or
-    "</?doc[^>]*>"). Default paragraph: most raw corpora arrive as one big file (a dump, a book,
-    a concatenated dataset) with blank lines between texts, and paragraphs keep poems, code and
-    tables whole where line would cut them; consecutive paragraphs still pack next to each
-    other. Use file for a folder with one document per file."""
+    """How text files split into documents: paragraph (blank lines; default: most raw corpora are one big file, and paragraphs keep poems/code/tables whole), file (one per file: for one-document-per-file folders), line, or a regex matching whole separator lines (e.g. "%", "</?doc[^>]*>")."""
     long_document_chars: int = 100_000
-    """Documents longer than this many characters are cut into pieces of at most this size, at
-    the last paragraph break, else line break, else space (a hard cut only for text without
-    whitespace); pieces pack in order, so only an EOS is added per cut. Bounds memory per
-    document; stats.json counts the cuts by kind."""
+    """Documents longer than this are cut into pieces of at most this many characters, at the last paragraph break, else line break, else space (hard cut only without whitespace); stats.json counts the cuts."""
     text_field: str = "text"
     """Field holding the text in JSONL/Parquet/dataset rows."""
     hf_split: str = "train"
@@ -104,9 +96,7 @@ class Data:
     encoding_errors: Literal["strict", "replace"] = "strict"
     """Non-UTF-8 bytes: strict stops with the file and byte offset; replace substitutes U+FFFD."""
     collapse_whitespace: bool = False
-    """Cleaning also collapses runs of spaces and strips every line's indentation (off: only
-    trailing whitespace and runs of blank lines are normalised, so code, poetry and tables keep
-    their layout)."""
+    """Also collapse runs of spaces and strip every line's indentation (off: code, poetry and tables keep their layout; only trailing whitespace and runs of blank lines are normalised)."""
     min_chars: int = 20
     """Drop documents shorter than this after cleaning."""
     max_chars: Optional[int] = None
@@ -120,13 +110,11 @@ class Data:
     heldout_fraction: float = 0.02
     """Share of documents held out for evaluation (split by document, deterministic)."""
     heldout_min_blocks: int = 16
-    """The held-out set grows (more documents, deterministic order) to at least this many blocks:
-    fewer make every perplexity noise and leave nothing to bootstrap over."""
+    """The held-out set grows (more documents, deterministic order) to at least this many blocks, so its perplexities are not noise."""
     heldout_min_tokens: int = 8192
     """...and to at least this many tokens (about 1-2% standard error on a perplexity)."""
     heldout_max_share: float = 0.1
-    """The growth stops at this share of the corpus tokens (training text matters more); prepare
-    warns when that leaves the held-out set under the minimum."""
+    """The held-out growth stops at this share of the corpus tokens; prepare warns when the minimum is then not reached."""
     min_train_blocks: int = 8
     """Fewest packed training blocks accepted; a smaller corpus is an error, not a 0-step run."""
     seed: int = 0
