@@ -146,3 +146,17 @@ def test_bad_split_by_is_a_recipe_error(split_by, message):
     with pytest.raises(RecipeError, match=message) as info:
         validate_recipe(Recipe(name="x", model=Model(base="some/model"), data=Data(sources=("a",), split_by=split_by)))
     assert info.value.where == "data.split_by"
+
+
+@pytest.mark.parametrize("collapse, expected", [(False, "def f():\n    return  1"), (True, "def f():\nreturn 1")])
+def test_cleaning_option_reaches_the_document_stream(collapse, expected, tmp_path):
+    from cpt_kit.data.corpus import Cleaning, CorpusStats, clean_documents
+
+    path = tmp_path / "code.txt"
+    path.write_text("def f():   \n    return  1\n\n\n\nmallonga\n", encoding="utf-8")
+    cleaning = Cleaning(collapse_whitespace=collapse, min_chars=10, max_chars=None, dedup_exact=True,
+                        dedup_near=True, near_dup_threshold=0.85)
+    stats = CorpusStats()
+    docs = list(clean_documents(expand_sources([str(path)]), ReadOptions(), cleaning, stats))
+    assert docs == [(expected, f"{path}:1")]
+    assert stats.stats()["per_source"] == {str(path): {"read": 2, "kept": 1}} and stats.dropped["too_short"] == 1
