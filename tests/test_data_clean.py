@@ -91,13 +91,15 @@ def test_signature_estimates_jaccard_of_shingle_sets():
         assert abs(estimate - true) < 0.15, (changed, true, estimate)
 
 
-def test_dedup_indexes_merge_and_still_find_earlier_documents(monkeypatch):
+def test_dedup_indexes_grow_and_still_find_earlier_documents(monkeypatch):
     from cpt_kit.data import dedup
 
     monkeypatch.setattr(dedup, "MERGE_EVERY", 16)
+    monkeypatch.setattr(dedup, "SIGNATURE_BLOCK", 16)
     exact, near = ExactDeduper(), NearDeduper(threshold=0.8)
     docs = [" ".join(_words(60, 100 + i)) for i in range(80)]
     assert not any(exact.is_duplicate(d) or near.is_duplicate(d) for d in docs)
     assert len(exact._seen.keys) >= 64 and len(near._buckets.keys) >= 64  # merged into the sorted arrays
+    assert len(near._signatures) == 5  # 80 signatures in blocks of 16
     assert all(exact.is_duplicate(d) for d in docs)
     assert all(near.is_duplicate(d.replace(" ", "  ", 1) + " fino") for d in docs[::7])

@@ -32,6 +32,8 @@ SAMPLE_ABOVE = 2048
 """Documents with more shingles are signed on the quarter of them whose hash is 0 mod 4: the same
 rule for every document, so the Jaccard estimate stays unbiased, at a quarter of the work."""
 SIGNATURE_COLUMNS = 8192
+SIGNATURE_BLOCK = 16_384
+"""Signatures are stored in blocks of this many rows (4 MB each)."""
 """Shingles hashed at once (bounds the temporary 64 x n matrix of a long document to 4 MB)."""
 
 
@@ -144,7 +146,7 @@ class NearDeduper:
         self._b = rng.integers(0, 2**63, size=(num_perm, 1), dtype=np.uint64)
         self._band_mix = rng.integers(0, 2**63, size=(1, self.rows), dtype=np.uint64) | np.uint64(1)
         self._band_salt = np.arange(self.bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        self.signatures = np.zeros((1024, num_perm), dtype=np.uint32)
+        self._signatures: list = []  # blocks of SIGNATURE_BLOCK rows: growing never copies what is there
         self.kept = 0
         self._buckets = KeyIndex()
 
@@ -175,11 +177,12 @@ class NearDeduper:
         keys = self.band_keys(signature)
         holders = self._buckets.find(keys)
         for row in set(holders) - {-1}:
-            if np.count_nonzero(self.signatures[row] == signature) >= self.threshold * len(signature):
+            earlier = self._signatures[row // SIGNATURE_BLOCK][row % SIGNATURE_BLOCK]
+            if np.count_nonzero(earlier == signature) >= self.threshold * len(signature):
                 return True
-        if self.kept == len(self.signatures):
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[self.kept] = signature
+        if self.kept % SIGNATURE_BLOCK == 0:
+            self._signatures.append(np.zeros((SIGNATURE_BLOCK, len(signature)), dtype=np.uint32))
+        self._signatures[-1][self.kept % SIGNATURE_BLOCK] = signature
         self._buckets.add(keys[np.array(holders) == -1], self.kept)
         self.kept += 1
         return False
