@@ -9,6 +9,7 @@ Blocks are one column `input_ids` (int64), every row exactly `block_size` ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +55,7 @@ class BlockWriter:
         from datasets.arrow_writer import ArrowWriter
 
         self.path, self.block_size, self.blocks = Path(path), block_size, 0
+        self._digest = hashlib.blake2b(digest_size=16)  # content fingerprint (datasets keys its caches by it)
         self.path.mkdir(parents=True)
         self._writer = ArrowWriter(features=_features(), path=str(self.path / ARROW_FILE))
 
@@ -63,7 +65,9 @@ class BlockWriter:
 
         if len(blocks) == 0:
             return
-        values = pa.array(np.ascontiguousarray(blocks, dtype=np.int64).reshape(-1))
+        flat = np.ascontiguousarray(blocks, dtype=np.int64).reshape(-1)
+        self._digest.update(flat.data)
+        values = pa.array(flat)
         offsets = pa.array(np.arange(0, (len(blocks) + 1) * self.block_size, self.block_size, dtype=np.int32))
         self._writer.write_table(pa.table({"input_ids": pa.ListArray.from_arrays(offsets, values)}))
         self.blocks += len(blocks)
@@ -73,7 +77,7 @@ class BlockWriter:
 
         self._writer.finalize()
         self._writer.close()
-        state = {"_data_files": [{"filename": ARROW_FILE}], "_fingerprint": f"cpt-kit-{self.path.name}-{self.blocks}",
+        state = {"_data_files": [{"filename": ARROW_FILE}], "_fingerprint": self._digest.hexdigest(),
                  "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
                  "_output_all_columns": False, "_split": None}
         (self.path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
