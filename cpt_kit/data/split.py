@@ -8,7 +8,9 @@ A held-out set of a few hundred tokens makes every perplexity noise (a 1% fracti
 short documents gave one block of 256 tokens). So the held-out side must hold at least
 `need_tokens` tokens (prepare asks for max(data.heldout_min_blocks blocks,
 data.heldout_min_tokens), by default 16 blocks and 8,192 tokens: enough blocks for a bootstrap
-over blocks, and about 1-2% standard error on a perplexity): if the fraction gives fewer,
+over blocks, and a standard error of a few percent on a perplexity: the error shrinks
+with the square root of the tokens, about 3% at 8k tokens for a per-token loss spread of
+2.5 nats, if tokens were independent; they are not, so that is a floor): if the fraction gives fewer,
 further documents are added in u order. It never takes more than `max_share` of the corpus
 tokens (data.heldout_max_share, default 10%): training text matters more. When that cap stops
 it, `HeldOut.capped` is set and prepare warns that the corpus is too small for both.

@@ -112,7 +112,7 @@ class Data:
     heldout_min_blocks: int = 16
     """The held-out set grows (more documents, deterministic order) to at least this many blocks, so its perplexities are not noise."""
     heldout_min_tokens: int = 8192
-    """...and to at least this many tokens (about 1-2% standard error on a perplexity)."""
+    """...and to at least this many tokens (a standard error of a few percent on a perplexity, not tens as on a few hundred tokens)."""
     heldout_max_share: float = 0.1
     """The held-out growth stops at this share of the corpus tokens; prepare warns when the minimum is then not reached."""
     min_train_blocks: int = 8
