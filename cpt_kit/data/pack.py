@@ -1,7 +1,7 @@
 """Packing: concatenate documents (each already ending in EOS) and cut fixed-length blocks.
 
 `Packer` takes the ids of documents as they stream past and returns the full blocks; the last
-partial block is dropped and its tokens counted. `BlockWriter` appends blocks to a `datasets`
+partial block is dropped (stats.json counts its tokens). `BlockWriter` appends blocks to a `datasets`
 directory (the format `save_to_disk` writes: one Arrow file, `state.json`,
 `dataset_info.json`; `load_from_disk` reads it) as they come, so no pass holds all blocks.
 Blocks are one column `input_ids` (int64), every row exactly `block_size` ids.
@@ -23,23 +23,16 @@ class Packer:
 
         self.block_size = block_size
         self.tail = np.zeros(0, dtype=np.int64)
-        self.tokens = 0
-        """Tokens of the documents packed so far (BOS/EOS included)."""
+        """Ids of the partial block so far (dropped at the end: the tokens count says how many)."""
 
     def add(self, flat):
         """Append a flat run of ids; returns the blocks it completes, shape (n, block_size)."""
         import numpy as np
 
-        self.tokens += len(flat)
         data = np.concatenate([self.tail, np.asarray(flat, dtype=np.int64)])
         n = len(data) // self.block_size
         self.tail = data[n * self.block_size:].copy()
         return data[: n * self.block_size].reshape(n, self.block_size)
-
-    @property
-    def dropped_tokens(self) -> int:
-        """Tokens of the last partial block, not used."""
-        return int(len(self.tail))
 
 
 def _features():
