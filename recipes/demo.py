@@ -20,6 +20,7 @@ RECIPE = Recipe(
     lora=Lora(r=16, lora_alpha=32, use_rslora=True, train_embeddings=True),
     data=Data(
         sources=(str(DATA / "esperanto"),),
+        split_by="file",  # examples/data holds one short text per file
         heldout_fraction=0.1,
         min_chars=50,
         min_train_blocks=16,

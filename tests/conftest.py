@@ -102,7 +102,8 @@ def tiny_recipe(tiny_base, target_texts, write_corpus):
         parts = dict(
             model=Model(base=str(tiny_base), max_seq_length=64, load_in_4bit=False),
             lora=Lora(r=8, lora_alpha=16, use_rslora=True),
-            data=Data(sources=(str(corpus),), heldout_fraction=0.1, min_chars=10, min_train_blocks=4),
+            data=Data(sources=(str(corpus),), split_by="file", heldout_fraction=0.1, min_chars=10,
+                      min_train_blocks=4),  # write_corpus writes one document per file
             train=Train(backend="hf", learning_rate=2e-3, embedding_learning_rate=5e-4, max_steps=12,
                         per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=6,
                         save_steps=6, warmup_ratio=0.0, gradient_checkpointing=False),

@@ -1,4 +1,4 @@
-"""Cleaning, deduplication and the held-out split (pure functions, no tokenizer)."""
+"""Cleaning and deduplication (pure functions, no tokenizer)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import random
 
 from cpt_kit.data.clean import clean_text, length_reason
 from cpt_kit.data.dedup import ExactDeduper, NearDeduper, shingles
-from cpt_kit.data.split import grow_to_tokens, heldout_indices, split_position
 
 
 def test_nfc_composes_characters():
@@ -24,9 +23,19 @@ def test_format_characters_kept():
     assert clean_text("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645") == "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
 
 
-def test_whitespace_normalised():
+def test_collapse_whitespace_option_normalises_every_space():
     text = "  First   line  \r\nsecond\tline\t\r\n\r\n\r\n\n\n   Third    paragraph.   \n\n"
-    assert clean_text(text) == "First line\nsecond\tline\n\nThird paragraph."
+    assert clean_text(text, collapse_whitespace=True) == "First line\nsecond\tline\n\nThird paragraph."
+
+
+def test_default_cleaning_keeps_indentation_and_inner_spaces():
+    code = "\n  \ndef f(x):   \n    if x:\t\n        return [1,  2]\n\n\n\n    return None  \n\n"
+    assert clean_text(code) == "def f(x):\n    if x:\n        return [1,  2]\n\n    return None"
+    poem = "   La vento blovas,\n      la folioj falas;\n   kaj mi restas."
+    assert clean_text(poem) == poem  # the first line's indentation too
+    table = "| nomo  | jaroj |\n|-------|-------|\n| Ana   |    12 |"
+    assert clean_text(table) == table
+    assert clean_text("a\r\n  b\r  c") == "a\n  b\n  c"
 
 
 def test_length_reasons():
@@ -52,37 +61,45 @@ def _words(n: int, seed: int) -> list[str]:
 def test_near_dedup_catches_small_edit_not_different_text():
     words = _words(300, 1)
     near = NearDeduper(threshold=0.8)
-    assert not near.is_duplicate(0, " ".join(words))
+    assert not near.is_duplicate(" ".join(words))
     edited = list(words)
     edited[150] = "alia"
-    assert near.is_duplicate(1, " ".join(edited))
-    assert not near.is_duplicate(2, " ".join(_words(300, 2)))
+    assert near.is_duplicate(" ".join(edited))
+    assert not near.is_duplicate(" ".join(_words(300, 2)))
 
 
 def test_short_documents_use_character_shingles():
     assert all(len(s) == 5 for s in shingles("La kato dormas bone."))
     assert all(len(s.split()) == 5 for s in shingles(" ".join(_words(40, 3))))
     near = NearDeduper(threshold=0.7)
-    assert not near.is_duplicate(0, "La granda kato dormas sur la tapi\u0109o.")
-    assert near.is_duplicate(1, "La granda kato dormas sur la tapi\u0109o!")
+    assert not near.is_duplicate("La granda kato dormas sur la tapi\u0109o.")
+    assert near.is_duplicate("La granda kato dormas sur la tapi\u0109o!")
 
 
-def test_split_is_deterministic_by_content_and_order_free():
-    texts = [f"dokumento {i} " + " ".join(_words(20, i)) for i in range(400)]
-    held = heldout_indices(texts, 0.1, seed=0)
-    assert 20 <= len(held) <= 60
-    assert held == heldout_indices(texts, 0.1, seed=0)
-    shuffled = list(reversed(texts))
-    held_shuffled = {shuffled[i] for i in heldout_indices(shuffled, 0.1, seed=0)}
-    assert held_shuffled == {texts[i] for i in held}
-    assert {texts[i] for i in heldout_indices(texts, 0.1, seed=1)} != {texts[i] for i in held}
+def test_signature_estimates_jaccard_of_shingle_sets():
+    import numpy as np
+
+    near = NearDeduper(threshold=0.85)
+    base = _words(600, 7)
+    for changed in (30, 120, 300):
+        edited = list(base)
+        for i in range(0, 600, 600 // changed):
+            edited[i] = "alia"
+        a, b = set(shingles(" ".join(base))), set(shingles(" ".join(edited)))
+        true = len(a & b) / len(a | b)
+        estimate = float(np.mean(near.signature(" ".join(base)) == near.signature(" ".join(edited))))
+        assert abs(estimate - true) < 0.15, (changed, true, estimate)
 
 
-def test_split_holds_out_at_least_one_and_grows_to_a_block():
-    texts = [f"teksto {i}" for i in range(10)]
-    held = heldout_indices(texts, 0.001, seed=0)
-    assert len(held) == 1
-    assert held[0] == min(range(10), key=lambda i: split_position(texts[i], 0))
-    grown = grow_to_tokens(texts, held, [30] * 10, need_tokens=64, seed=0)
-    assert len(grown) == 3 and set(held) <= set(grown)
-    assert len(grow_to_tokens(texts, held, [1] * 10, need_tokens=1000, seed=0)) == 5  # at most half
+def test_dedup_indexes_grow_and_still_find_earlier_documents(monkeypatch):
+    from cpt_kit.data import dedup
+
+    monkeypatch.setattr(dedup, "MERGE_EVERY", 16)
+    monkeypatch.setattr(dedup, "SIGNATURE_BLOCK", 16)
+    exact, near = ExactDeduper(), NearDeduper(threshold=0.8)
+    docs = [" ".join(_words(60, 100 + i)) for i in range(80)]
+    assert not any(exact.is_duplicate(d) or near.is_duplicate(d) for d in docs)
+    assert len(exact._seen.keys) >= 64 and len(near._buckets.keys) >= 64  # merged into the sorted arrays
+    assert len(near._signatures) == 5  # 80 signatures in blocks of 16
+    assert all(exact.is_duplicate(d) for d in docs)
+    assert all(near.is_duplicate(d.replace(" ", "  ", 1) + " fino") for d in docs[::7])

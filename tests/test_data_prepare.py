@@ -173,17 +173,17 @@ def test_input_fingerprint_hashes_content(tiny_recipe, tmp_path):
     assert prepare.input_fingerprint(ctx) != first
 
 
-def test_parallel_tokenization_matches_single_process(tiny_base, target_texts, monkeypatch):
+def test_threaded_tokenization_matches_single_thread_in_order(tiny_base, target_texts):
     from transformers import AutoTokenizer
 
-    from cpt_kit.data import tokenize
+    from cpt_kit.data.tokenize import encode_batches, text_batches
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     texts = [f"{i} " + target_texts[i % len(target_texts)][: 40 + i % 50] for i in range(2500)]
-    single = tokenize.tokenize_documents(texts, tok, num_proc=1)
-    monkeypatch.setattr(tokenize, "PARALLEL_MIN_CHARS", 0)
-    seen = []
-    parallel = tokenize.tokenize_documents(texts, tok, num_proc=2, advance=seen.append)
-    assert parallel.ids.to_pylist() == single.ids.to_pylist()
-    assert parallel.words.tolist() == single.words.tolist() and sum(seen) == 2500
-    assert all(ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1 for ids in single.ids.to_pylist())
+    batches = list(text_batches(texts, max_chars=5000))
+    assert len(batches) > 10 and sum(map(len, batches)) == 2500
+    single = [ids for _, array in encode_batches(tok, batches, 1) for ids in array.to_pylist()]
+    threaded = [(t, ids) for texts_, array in encode_batches(tok, batches, 3) for t, ids in zip(texts_, array.to_pylist())]
+    assert [ids for _, ids in threaded] == single and [t for t, _ in threaded] == texts
+    expected = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    assert single == expected

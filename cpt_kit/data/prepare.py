@@ -1,5 +1,13 @@
 """The `prepare` stage: sources -> cleaned, deduplicated, tokenized, packed train/held-out sets.
 
+Streams end to end, in memory bounded by a constant plus the deduplication indexes (about 320
+bytes per kept document): documents are read in chunks (sources.py, text_files.py), cleaned and
+deduplicated one at a time (corpus.py), tokenized in threads and spilled with their token ids
+to an Arrow file (spill.py), split by document with a minimum held-out size (split.py), then
+read back once to pack blocks straight into the output datasets (pack.py), with replay blocks
+interleaved (mix.py). With extend_tokenizer the spill is text-only first and tokenized after
+the extension. Replay text is read only until it gives what the mix needs.
+
 Writes (all under `data/`, built in a temporary directory and renamed into place, so a crash
 never leaves a half-written dataset): `train/`, `heldout/`, `replay_heldout/` (with replay),
 `heldout_texts.jsonl`, `tokenizer/`, `tokenizer_extension.json` (with extend_tokenizer),
@@ -9,134 +17,154 @@ never leaves a half-written dataset): `train/`, `heldout/`, `replay_heldout/` (w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
 
-from cpt_kit.data.corpus import CleanCorpus, build_corpus
-from cpt_kit.data.pack import Packed, pack, save_blocks
+from cpt_kit.data.corpus import Cleaning, CorpusStats, clean_documents
+from cpt_kit.data.pack import BlockWriter
+from cpt_kit.data.part import Part, need_heldout_tokens
 from cpt_kit.data.sources import ReadOptions, expand_sources, source_fingerprint
-from cpt_kit.data.split import grow_to_tokens, heldout_indices
-from cpt_kit.data.tokenize import TokenizedDocs, tokenize_documents
+from cpt_kit.data.spill import Spilled, collect
+from cpt_kit.data.tokenize import text_batches
 from cpt_kit.errors import CptKitError, DataError
 from cpt_kit.recipe import Data
 
-
-@dataclass
-class Part:
-    """One text collection (the corpus or the replay text) after split, tokenization and packing."""
-
-    corpus: CleanCorpus
-    tokens: TokenizedDocs
-    train_idx: list[int]
-    heldout_idx: list[int]
-    train: Packed
-    heldout: Packed
-
-    def stats(self) -> dict:
-        return {"documents": self.corpus.stats(),
-                "split": {"train_documents": len(self.train_idx), "heldout_documents": len(self.heldout_idx)},
-                "tokens": {"total": int(self.tokens.lengths.sum()), "train": self.train.tokens,
-                           "heldout": self.heldout.tokens, "dropped_train_tail": self.train.dropped_tokens,
-                           "dropped_heldout_tail": self.heldout.dropped_tokens},
-                "blocks": {"train": self.train.n_blocks, "heldout": self.heldout.n_blocks},
-                "words": int(self.tokens.words.sum()), "fertility": self.tokens.fertility()}
+PROGRESS_EVERY = 1000
 
 
-def _options(d: Data, text_field: str) -> ReadOptions:
-    return ReadOptions(text_field=text_field, encoding_errors=d.encoding_errors, hf_split=d.hf_split,
-                       streaming=d.streaming, max_documents=d.max_documents)
-
-
-def _read(entries, d: Data, text_field: str, key: str, progress, label: str) -> CleanCorpus:
-    sources = expand_sources(entries, key)
-    task = progress.add_task(f"reading {label}", total=None)
-    corpus = build_corpus(sources, _options(d, text_field), min_chars=d.min_chars, max_chars=d.max_chars,
-                          dedup_exact=d.dedup_exact, dedup_near=d.dedup_near,
-                          near_dup_threshold=d.near_dup_threshold, on_document=lambda: progress.advance(task))
+def _documents(entries, d: Data, text_field: str, key: str, stats: CorpusStats, progress, label: str,
+               streaming: bool) -> Iterator[str]:
+    """The kept documents' texts, streamed; advances a progress bar."""
+    options = ReadOptions(split_by=d.split_by, long_document_chars=d.long_document_chars, text_field=text_field,
+                          encoding_errors=d.encoding_errors, hf_split=d.hf_split, streaming=streaming,
+                          max_documents=d.max_documents)
+    cleaning = Cleaning(collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars, max_chars=d.max_chars,
+                        dedup_exact=d.dedup_exact, dedup_near=d.dedup_near, near_dup_threshold=d.near_dup_threshold)
+    task = progress.add_task(f"reading and tokenizing {label}", total=None)
+    for n, (text, _) in enumerate(clean_documents(expand_sources(entries, key), options, cleaning, stats), start=1):
+        if n % PROGRESS_EVERY == 0:
+            progress.update(task, completed=n)
+        yield text
     progress.remove_task(task)
-    if len(corpus.texts) < 2:
-        dropped = ", ".join(f"{n} {r}" for r, n in corpus.dropped.items() if n) or "none"
-        raise DataError(f"{label} has {len(corpus.texts)} usable document(s) after cleaning "
-                        f"(read {corpus.read}, dropped: {dropped}); need at least 2 (one is held out)",
-                        where=key, hint="add text, or lower data.min_chars / loosen deduplication")
-    return corpus
 
 
-def _tokenize_and_split(corpus: CleanCorpus, tokenizer, d: Data, heldout_fraction: float, block: int,
-                        progress, label: str, held: list[int] | None = None) -> Part:
-    task = progress.add_task(f"tokenizing {label}", total=len(corpus.texts))
-    tokens = tokenize_documents(corpus.texts, tokenizer, d.num_proc, lambda n: progress.advance(task, n))
-    progress.remove_task(task)
-    held = heldout_indices(corpus.texts, heldout_fraction, d.seed) if held is None else held
-    held = grow_to_tokens(corpus.texts, held, tokens.lengths.tolist(), block, d.seed)
-    held_set = set(held)
-    train_idx = [i for i in range(len(corpus.texts)) if i not in held_set]
-    return Part(corpus, tokens, train_idx, held, pack(tokens.ids, train_idx, block), pack(tokens.ids, held, block))
+def _check_documents(stats: CorpusStats, label: str, key: str) -> None:
+    if stats.kept >= 2:
+        return
+    raise DataError(f"{label} has {stats.kept} usable document(s) after cleaning (read {stats.read}, dropped: "
+                    f"{stats.drops_summary()}); need at least 2 (one is held out)", where=key,
+                    hint=f"text files are cut into documents by data.split_by (now {stats.split_by!r}): for a corpus "
+                         "in one file use 'paragraph' (blank lines), 'line' or a separator regex; otherwise add "
+                         "text, or lower data.min_chars / loosen deduplication")
 
 
-def _check_size(part: Part, d: Data, block: int, label: str, key: str) -> None:
-    total = int(part.tokens.lengths.sum())
-    where = f"{label} ({len(part.corpus.texts)} documents, {total:,} tokens)"
-    if part.heldout.n_blocks == 0:
-        raise DataError(f"{where}: the held-out documents have {part.heldout.tokens:,} tokens, fewer than one "
-                        f"block of {block}", where=key,
-                        hint="add text, or lower model.max_seq_length")
-    need = d.min_train_blocks if label == "corpus" else 1
-    if part.train.n_blocks < need:
-        raise DataError(f"{where}: the training side has {part.train.tokens:,} tokens = {part.train.n_blocks} "
-                        f"blocks of {block}; need at least {need} blocks ({need * block:,} tokens)", where=key,
-                        hint="add text or lower model.max_seq_length / data.min_train_blocks")
+def _read_corpus(d: Data, tokenizer, progress, work: Path, ctx) -> tuple[Spilled, CorpusStats, Any]:
+    """The corpus, spilled and tokenized (after extending the tokenizer when the recipe asks)."""
+    from cpt_kit.data import extend_tokenizer as ext
+
+    stats = CorpusStats(split_by=d.split_by)
+    docs = _documents(d.sources, d, d.text_field, "data.sources", stats, progress, "corpus", d.streaming)
+    if d.extend_tokenizer is None:
+        spilled = collect(text_batches(docs), work / "corpus.arrow", d.seed, tokenizer, d.num_proc)
+        _check_documents(stats, "corpus", "data.sources")
+        return spilled, stats, None
+    texts = collect(text_batches(docs), work / "corpus-text.arrow", d.seed)
+    _check_documents(stats, "corpus", "data.sources")
+    train_side = texts.texts(lambda i: texts.positions[i] >= d.heldout_fraction)
+    extension = ext.extend(tokenizer, train_side, d.extend_tokenizer)
+    ctx.log(f"tokenizer extended by {len(extension['added'])} tokens: fertility "
+            f"{extension['fertility_before']} -> {extension['fertility_after']} tokens/word")
+    return texts.tokenized(work / "corpus.arrow", tokenizer, d.num_proc), stats, extension
+
+
+def _read_replay(d: Data, tokenizer, progress, work: Path, wanted_blocks: int, block: int) -> tuple[Spilled, CorpusStats]:
+    """Replay text, streamed, read only until it gives the wanted blocks plus its held-out set.
+
+    Enough means: the training side (split position >= the replay held-out fraction) covers the
+    wanted blocks plus what the held-out side still lacks of its minimum, plus a margin of one
+    block and the largest document seen; and the text read is large enough for that minimum to
+    fit within data.heldout_max_share.
+    """
+    r = d.replay
+    stats = CorpusStats(split_by=d.split_by)
+    docs = _documents(r.sources, d, r.text_field, "data.replay.sources", stats, progress, "replay text", True)
+    need_held = need_heldout_tokens(d, block)
+    seen = {"train": 0, "held": 0, "largest": 0}
+
+    def enough(positions, ids) -> bool:
+        import numpy as np
+
+        lengths = np.diff(ids.offsets.to_numpy())
+        held = np.asarray(positions) < r.heldout_fraction
+        seen["held"] += int(lengths[held].sum())
+        seen["train"] += int(lengths[~held].sum())
+        seen["largest"] = max(seen["largest"], int(lengths.max(initial=0)))
+        margin = block + seen["largest"]
+        done = (seen["train"] >= wanted_blocks * block + max(0, need_held - seen["held"]) + margin
+                and seen["train"] + seen["held"] >= need_held / d.heldout_max_share)
+        stats.stopped_early |= done
+        return done
+
+    spilled = collect(text_batches(docs), work / "replay.arrow", d.seed, tokenizer, d.num_proc, stop=enough)
+    _check_documents(stats, "replay text", "data.replay.sources")
+    return spilled, stats
 
 
 def run(ctx) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-    from cpt_kit.progress import task_progress
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cpt_kit.data import extend_tokenizer as ext
-    from cpt_kit.data.mix import mix
+    from cpt_kit.data.mix import interleave, replay_blocks_wanted, select_evenly
+    from cpt_kit.data.tokenize import special_ids
     from cpt_kit.data.tokenizer_files import load_tokenizer, save_tokenizer
+    from cpt_kit.progress import task_progress
     from cpt_kit.rundir import atomic_path
 
     recipe, d = ctx.recipe, ctx.recipe.data
     block = recipe.model.max_seq_length
-    columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with task_progress(ctx.console, *columns) as progress:  # plain lines when output is not a terminal
-        corpus = _read(d.sources, d, d.text_field, "data.sources", progress, "corpus")
-        tokenizer = load_tokenizer(recipe.model)
-        held = heldout_indices(corpus.texts, d.heldout_fraction, d.seed)
-        extension = None
-        if d.extend_tokenizer is not None:
-            held_set = set(held)
-            extension = ext.extend(tokenizer, [t for i, t in enumerate(corpus.texts) if i not in held_set],
-                                   d.extend_tokenizer)
-            ctx.log(f"tokenizer extended by {len(extension['added'])} tokens: fertility "
-                    f"{extension['fertility_before']} -> {extension['fertility_after']} tokens/word")
-        main = _tokenize_and_split(corpus, tokenizer, d, d.heldout_fraction, block, progress, "corpus", held)
-        _check_size(main, d, block, "corpus", "data.sources")
-        replay = mixed = None
-        train_blocks = main.train.blocks
-        if d.replay is not None:
-            r = d.replay
-            rcorpus = _read(r.sources, d, r.text_field, "data.replay.sources", progress, "replay text")
-            replay = _tokenize_and_split(rcorpus, tokenizer, d, r.heldout_fraction, block, progress, "replay text")
-            _check_size(replay, d, block, "replay text", "data.replay.sources")
-            mixed = mix(main.train.blocks, replay.train.blocks, r.fraction, d.seed)
-            train_blocks = mixed.blocks
-            if mixed.replay_blocks < mixed.wanted_replay_blocks:
-                ctx.log(f"[yellow]replay text gives {mixed.replay_blocks} blocks, {mixed.wanted_replay_blocks} "
-                        f"wanted for data.replay.fraction={r.fraction}: replay share is {mixed.replay_share}[/yellow]")
-
-    stats = _stats(recipe, main, replay, mixed, extension, len(train_blocks), len(tokenizer))
+    tokenizer = load_tokenizer(recipe.model)
+    columns = (SpinnerColumn(), TextColumn("  {task.description}: {task.completed:,} documents"), TimeElapsedColumn())
     with atomic_path(ctx.run.data) as tmp:
         tmp.mkdir(parents=True)
-        save_blocks(train_blocks, tmp / "train")
-        save_blocks(main.heldout.blocks, tmp / "heldout")
-        if replay is not None:
-            save_blocks(replay.heldout.blocks, tmp / "replay_heldout")
-        with open(tmp / "heldout_texts.jsonl", "w", encoding="utf-8") as handle:
-            for i in main.heldout_idx:
-                handle.write(json.dumps({"text": corpus.texts[i]}, ensure_ascii=False) + "\n")
+        work = tmp / "spill"
+        work.mkdir()
+        with task_progress(ctx.console, *columns) as progress:  # plain lines when output is not a terminal
+            spilled, read, extension = _read_corpus(d, tokenizer, progress, work, ctx)
+            specials = 1 + (special_ids(tokenizer)[0] is not None)
+            main = Part.split("corpus", "data.sources", read, spilled, d.heldout_fraction, d, block, specials)
+            main.check(d.min_train_blocks, d.heldout_max_share, ctx.log)
+            replay = None
+            wanted = used = 0
+            if d.replay is not None:
+                wanted = replay_blocks_wanted(main.train_blocks, d.replay.fraction)
+                rspilled, rread = _read_replay(d, tokenizer, progress, work, wanted, block)
+                replay = Part.split("replay text", "data.replay.sources", rread, rspilled, d.replay.heldout_fraction,
+                                    d, block, specials)
+                replay.check(1, d.heldout_max_share, ctx.log)
+                used = min(wanted, replay.train_blocks)
+                if used < wanted:
+                    ctx.log(f"[yellow]replay text gives {used} blocks, {wanted} wanted for data.replay.fraction="
+                            f"{d.replay.fraction}: replay share is {round(used / (main.train_blocks + used), 4)}"
+                            "[/yellow]")
+
+        with BlockWriter(tmp / "train", block) as train, BlockWriter(tmp / "heldout", block) as heldout, \
+                open(tmp / "heldout_texts.jsonl", "w", encoding="utf-8") as heldout_texts:
+            chunks = main.blocks(heldout, heldout_texts)
+            if replay is not None:
+                with BlockWriter(tmp / "replay_heldout", block) as replay_heldout:
+                    replay_chunks = select_evenly(replay.blocks(replay_heldout), replay.train_blocks, used)
+                    for chunk in interleave(chunks, main.train_blocks, replay_chunks, used):
+                        train.write(chunk)
+                    for _ in replay_chunks:  # the rest only writes replay held-out blocks
+                        pass
+                for _ in chunks:  # ...and corpus held-out blocks after the last training block
+                    pass
+            else:
+                for chunk in chunks:
+                    train.write(chunk)
+        shutil.rmtree(work)
+        stats = _stats(recipe, main, replay, used, extension, train.blocks, len(tokenizer))
         stats["tokenizer_files"] = save_tokenizer(tokenizer, recipe.model, tmp / "tokenizer")
         if extension is not None:
             ext.write_added_tokens_json(extension, tmp / "tokenizer")
@@ -146,20 +174,24 @@ def run(ctx) -> dict[str, Any]:
     metrics = _metrics(stats, block)
     ctx.log(f"{metrics['documents_kept']:,} documents kept, {metrics['documents_dropped']:,} dropped; "
             f"{metrics['train_blocks']:,} train blocks ({metrics['train_tokens']:,} tokens), "
-            f"{metrics['heldout_blocks']:,} held-out blocks; fertility {metrics['fertility']} tokens/word")
+            f"{metrics['heldout_blocks']:,} held-out blocks ({metrics['heldout_tokens']:,} tokens); "
+            f"fertility {metrics['fertility']} tokens/word")
     return metrics
 
 
-def _stats(recipe, main: Part, replay: Part | None, mixed, extension, n_train_blocks: int, vocab: int) -> dict:
+def _stats(recipe, main: Part, replay: Part | None, replay_used: int, extension, n_train_blocks: int,
+           vocab: int) -> dict:
     block = recipe.model.max_seq_length
     stats = {"block_size": block, "vocab_size": vocab, "corpus": main.stats(),
              "train": {"blocks": n_train_blocks, "tokens": n_train_blocks * block,
-                       "corpus_blocks": main.train.n_blocks, "replay_blocks": mixed.replay_blocks if mixed else 0},
-             "heldout": {"blocks": main.heldout.n_blocks, "tokens": main.heldout.n_blocks * block}}
+                       "corpus_blocks": main.train_blocks, "replay_blocks": replay_used},
+             "heldout": {"blocks": main.heldout_blocks, "tokens": main.heldout_blocks * block,
+                         "documents": int(main.held.mask.sum()), "wanted_tokens": main.held.need_tokens,
+                         "reached_minimum": not main.held.capped}}
     if replay is not None:
         stats["replay"] = {**replay.stats(), "fraction_wanted": recipe.data.replay.fraction,
-                           "share_achieved": mixed.replay_share, "blocks_used": mixed.replay_blocks,
-                           "heldout_blocks": replay.heldout.n_blocks}
+                           "share_achieved": round(replay_used / max(1, n_train_blocks), 4),
+                           "blocks_used": replay_used, "heldout_blocks": replay.heldout_blocks}
     if extension is not None:
         stats["tokenizer_extension"] = {"added": len(extension["added"]),
                                         "fertility_before": extension["fertility_before"],

@@ -3,19 +3,21 @@
 `expand_sources(["corpus/", "more/*.jsonl", "hf:wikimedia/wikipedia:20231101.eo"])` resolves
 each entry into concrete `Source`s (a file, a saved dataset directory, or a `load_dataset`
 name); an entry that matches nothing is a `DataError` naming it. `read_documents(source, ...)`
-yields `(text, origin)` pairs: one document per text file, one per JSONL line / Parquet row /
-dataset row. `origin` is "file" or "file:line" so later errors can point at the input.
+yields `(text, origin)` pairs: text files are cut into documents by `split_by` (text_files.py),
+one per JSONL line / Parquet row / dataset row. Everything streams: memory is about one chunk or
+row plus `long_document_chars`. `origin` is "file:line" (or "file:row N") so later errors and
+stats can point at the input.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from cpt_kit.data.text_files import LongDocuments, ReplacementCounter, Utf8Decoder, cut_long, read_text_documents
 from cpt_kit.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -40,6 +42,8 @@ class Source:
 
 @dataclass
 class ReadOptions:
+    split_by: str = "paragraph"
+    long_document_chars: int = 100_000
     text_field: str = "text"
     encoding_errors: str = "strict"
     hf_split: str = "train"
@@ -105,67 +109,60 @@ def _expand_one(entry: str, key: str) -> list[Source]:
     return out
 
 
-# ----------------------------------------------------------------------------- decoding
-
-class ReplacementCounter:
-    """Counts U+FFFD substitutions made by `decode_bytes` in replace mode."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-def decode_bytes(raw: bytes, path: str, errors: str, counter: ReplacementCounter) -> str:
-    """UTF-8 decode; strict mode names the file and byte offset of the first bad byte."""
-    try:
-        return raw.decode("utf-8-sig" if raw.startswith(codecs.BOM_UTF8) else "utf-8")
-    except UnicodeDecodeError as exc:
-        if errors != "replace":
-            bad = raw[exc.start:exc.start + 4].hex(" ")
-            raise DataError(f"not valid UTF-8 at byte offset {exc.start} (bytes {bad}: {exc.reason})",
-                            where=path, hint="convert the file to UTF-8, or set data.encoding_errors=replace "
-                                             "to substitute U+FFFD for bad bytes") from None
-    before = raw.count("\ufffd".encode())
-    text = raw.decode("utf-8", errors="replace")
-    counter.count += text.count("\ufffd") - before
-    return text.removeprefix("\ufeff")
-
-
 # ----------------------------------------------------------------------------- reading
 
-def read_documents(source: Source, options: ReadOptions, counter: ReplacementCounter) -> Iterator[tuple[str, str]]:
-    """Yield (text, origin) for each document of one source, at most options.max_documents."""
-    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet,
-               "saved_dataset": _read_saved_dataset, "hf": _read_hf}
+def read_documents(source: Source, options: ReadOptions, counter: ReplacementCounter,
+                   long: LongDocuments | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (text, origin) for each document of one source, at most options.max_documents.
+
+    Documents longer than options.long_document_chars come out as several pieces (see
+    text_files.cut_long), counted in `long`.
+    """
+    long = LongDocuments() if long is None else long
     limit = options.max_documents
-    for n, item in enumerate(readers[source.kind](source, options, counter)):
+    n = 0
+    if source.kind == "text":
+        docs = ((text, f"{source.location}:{line}") for text, line in read_text_documents(
+            source.location, options.split_by, options.long_document_chars, options.encoding_errors, long, counter))
+    else:
+        readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "saved_dataset": _read_saved_dataset,
+                   "hf": _read_hf}
+        docs = ((piece, origin) for text, origin in readers[source.kind](source, options, counter)
+                for piece in _pieces(text, options.long_document_chars, long))
+    for item in docs:
         if limit is not None and n >= limit:
             return
+        n += 1
         yield item
 
 
-def _read_text(source: Source, options: ReadOptions, counter: ReplacementCounter) -> Iterator[tuple[str, str]]:
-    raw = Path(source.location).read_bytes()
-    yield decode_bytes(raw, source.location, options.encoding_errors, counter), source.location
+def _pieces(text: str, limit: int, long: LongDocuments) -> list[str]:
+    if len(text) <= limit:
+        return [text]
+    long.documents += 1
+    return cut_long(text, limit, long)
 
 
 def _read_jsonl(source: Source, options: ReadOptions, counter: ReplacementCounter) -> Iterator[tuple[str, str]]:
-    path = source.location
-    text = decode_bytes(Path(path).read_bytes(), path, options.encoding_errors, counter)
-    field = options.text_field
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
-                            hint="each line of a .jsonl file must be one JSON object") from None
-        if not isinstance(row, dict) or field not in row:
-            keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"no field {field!r} in this row (it has: {keys})", where=where,
-                            hint="set data.text_field to the field holding the text")
-        yield _as_text(row[field], field, where), where
+    """One row per line, read line by line (memory: the longest line)."""
+    path, field = source.location, options.text_field
+    decoder = Utf8Decoder(path, options.encoding_errors, counter)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = decoder.decode(raw, True)
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
+                                hint="each line of a .jsonl file must be one JSON object") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"no field {field!r} in this row (it has: {keys})", where=where,
+                                hint="set data.text_field to the field holding the text")
+            yield _as_text(row[field], field, where), where
 
 
 def _as_text(value, field: str, where: str) -> str:

@@ -81,16 +81,22 @@ class TokenizerExtension:
 class Data:
     sources: tuple[str, ...] = ()
     """Corpus: text files, directories, globs, .jsonl/.parquet files, local dataset dirs or hf:NAME[:CONFIG]."""
+    split_by: str = "paragraph"
+    """How text files split into documents: paragraph (blank lines; default: most raw corpora are one big file, and paragraphs keep poems/code/tables whole), file (one per file: for one-document-per-file folders), line, or a regex matching whole separator lines (e.g. "%", "</?doc[^>]*>")."""
+    long_document_chars: int = 100_000
+    """Documents longer than this are cut into pieces of at most this many characters, at the last paragraph break, else line break, else space (hard cut only without whitespace); stats.json counts the cuts."""
     text_field: str = "text"
     """Field holding the text in JSONL/Parquet/dataset rows."""
     hf_split: str = "train"
     """Split of a Hugging Face dataset source."""
     streaming: bool = False
-    """Stream Hugging Face datasets instead of downloading them whole."""
+    """Stream Hugging Face datasets instead of downloading them whole (replay sources always stream)."""
     max_documents: Optional[int] = None
     """Stop reading after this many documents per source (useful with streaming)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """Non-UTF-8 bytes: strict stops with the file and byte offset; replace substitutes U+FFFD."""
+    collapse_whitespace: bool = False
+    """Also collapse runs of spaces and strip every line's indentation (off: code, poetry and tables keep their layout; only trailing whitespace and runs of blank lines are normalised)."""
     min_chars: int = 20
     """Drop documents shorter than this after cleaning."""
     max_chars: Optional[int] = None
@@ -103,12 +109,18 @@ class Data:
     """Estimated Jaccard similarity above which two documents are near duplicates."""
     heldout_fraction: float = 0.02
     """Share of documents held out for evaluation (split by document, deterministic)."""
+    heldout_min_blocks: int = 16
+    """The held-out set grows (more documents, deterministic order) to at least this many blocks, so its perplexities are not noise."""
+    heldout_min_tokens: int = 8192
+    """...and to at least this many tokens (a standard error of a few percent on a perplexity, not tens as on a few hundred tokens)."""
+    heldout_max_share: float = 0.1
+    """The held-out growth stops at this share of the corpus tokens; prepare warns when the minimum is then not reached."""
     min_train_blocks: int = 8
     """Fewest packed training blocks accepted; a smaller corpus is an error, not a 0-step run."""
     seed: int = 0
     """Seed of the held-out split and mixing."""
     num_proc: int = 2
-    """Processes used to tokenize."""
+    """Batches tokenized at once, in threads (the Rust tokenizer releases the GIL)."""
     replay: Optional[Replay] = None
     """General text mixed into training against catastrophic forgetting."""
     extend_tokenizer: Optional[TokenizerExtension] = None

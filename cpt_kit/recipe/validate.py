@@ -12,7 +12,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from cpt_kit.errors import RecipeError
+from cpt_kit.data.text_files import SPLIT_KEYWORDS, separator_pattern
+from cpt_kit.errors import DataError, RecipeError
 from cpt_kit.recipe import schema
 from cpt_kit.recipe.schema import ALL_LINEAR, QUANT_TYPES, Recipe
 
@@ -95,6 +96,16 @@ def check_values(r: Recipe) -> None:
                  f"{m} is trained as a full module, not a LoRA target", "remove it and set lora.train_embeddings=True")
     d = r.data
     _require(0 < d.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
+    _require(d.heldout_min_blocks >= 1, "data.heldout_min_blocks", f"must be >= 1, got {d.heldout_min_blocks}")
+    _require(d.heldout_min_tokens >= 0, "data.heldout_min_tokens", f"must be >= 0, got {d.heldout_min_tokens}")
+    _require(0 < d.heldout_max_share <= 0.5, "data.heldout_max_share", f"must be in (0, 0.5], got {d.heldout_max_share}")
+    _require(d.long_document_chars >= 1000, "data.long_document_chars",
+             f"must be >= 1000, got {d.long_document_chars}")
+    if d.split_by not in SPLIT_KEYWORDS:
+        try:
+            separator_pattern(d.split_by)
+        except DataError as exc:
+            _require(False, "data.split_by", exc.message, exc.hint)
     _require(d.min_chars >= 0, "data.min_chars", f"must be >= 0, got {d.min_chars}")
     _require(d.max_chars is None or d.max_chars > d.min_chars, "data.max_chars",
              f"must be larger than data.min_chars ({d.min_chars}), got {d.max_chars}")
