@@ -114,6 +114,10 @@ def test_verify_passes_on_a_correct_export(exported_chatml, tiny_chatml, tiny_re
     for fmt in ppl["formats"].values():  # every perplexity with its token count and 95% intervals
         assert fmt["tokens"] == 6 * 63 and fmt["ci95"][0] < fmt["perplexity"] < fmt["ci95"][1]
         assert fmt["delta_ci95"][0] <= fmt["delta"] <= fmt["delta_ci95"][1]
+    quants = report["checks"]["quantizations"]
+    assert quants["passed"] and set(quants["formats"]) == {"Q8_0", "Q4_K_M"}
+    assert 0 <= quants["formats"]["Q8_0"]["mean_kl"] < quants["formats"]["Q4_K_M"]["mean_kl"] < 0.05
+    assert quants["formats"]["Q4_K_M"]["bytes"] < quants["formats"]["Q8_0"]["bytes"]
     stop = report["checks"]["stop"]
     assert stop["eot_tokens"]["<|im_end|>"]["is_eog"] and not stop["double_bos"]
     assert stop["forced"]["finish_reason"] == "stop" and stop["forced"]["tokens"] <= stop["forced"]["after"]
@@ -174,8 +178,36 @@ def test_verify_fails_when_perplexity_deviates(exported_chatml, tiny_chatml, tin
     with pytest.raises(VerificationError, match="perplexity: F16 differs from HF"):
         verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
     report = json.loads((run / "verify.json").read_text())
-    assert report["failed"] == ["perplexity"]
+    # the quantizations were made from the original model, so they are far from this F16 as well
+    assert report["failed"] == ["perplexity", "quantizations"]
     assert abs(report["checks"]["perplexity"]["formats"]["F16"]["delta"]) > 0.01
+
+
+def _modelfile_from(run) -> str:
+    from cpt_kit.export.modelfile import parse
+    return parse((run / "ollama" / "Modelfile").read_text()).from_
+
+
+def test_quant_over_its_limit_fails_verify_and_modelfile_moves_off_it(exported_chatml, tiny_chatml, tiny_recipe,
+                                                                      tmp_path):
+    from cpt_kit.export import modelfile_stage, verify_stage
+
+    recipe = recipe_for(tiny_recipe, tiny_chatml, modelfile_quant="Q4_K_M", quant_max_kl=("Q4_K_M=0.000001",))
+    run = copy_run(exported_chatml, tmp_path / "run")
+    modelfile_stage.run(context(recipe, run))
+    assert _modelfile_from(run) == "../gguf/tiny-Q4_K_M.gguf"
+    with pytest.raises(VerificationError) as info:
+        verify_stage.run(context(recipe, run))
+    assert "Q4_K_M over its limit: mean KL divergence" in info.value.message and "limit 1e-06" in info.value.message
+    assert "ollama/Modelfile now uses Q8_0" in info.value.message
+    assert "export.quantizations" in info.value.hint and 'export.quant_max_kl=("Q4_K_M=...",)' in info.value.hint
+    report = json.loads((run / "verify.json").read_text())
+    assert report["failed"] == ["quantizations"]
+    gate = report["checks"]["quantizations"]
+    assert gate["failed"] == ["Q4_K_M"] and gate["modelfile_quant"] == "Q8_0"
+    assert gate["formats"]["Q8_0"]["passed"] and gate["formats"]["Q4_K_M"]["max_kl"] == 1e-6
+    assert _modelfile_from(run) == "../gguf/tiny-Q8_0.gguf"
+    assert "TEMPLATE" in (run / "ollama" / "Modelfile").read_text()  # the rest of the Modelfile is kept
 
 
 def test_verify_flags_special_token_spacing(exported_chatml, tiny_chatml, tiny_recipe, tmp_path):

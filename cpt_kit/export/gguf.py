@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,13 +31,6 @@ from cpt_kit.rundir import atomic_path
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 FALLBACK_RE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
-_QUANTIZE_CODE = """
-import ctypes, sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
-params.nthread = int(sys.argv[4])
-sys.exit(1 if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)) else 0)
-"""
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -83,7 +77,10 @@ def check_gguf(path: Path) -> dict:
                           where=str(path), hint="delete it and export again")
     arch = reader.fields.get("general.architecture")
     arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else None
-    return {"tensors": len(tensors), "bytes": size, "architecture": arch_name}
+    types = Counter(t.tensor_type.name for t in tensors)
+    named = {t.name: t.tensor_type.name for t in tensors if t.name in ("token_embd.weight", "output.weight")}
+    return {"tensors": len(tensors), "bytes": size, "architecture": arch_name, "tensor_types": dict(types),
+            "token_embd_type": named.get("token_embd.weight"), "output_type": named.get("output.weight")}
 
 
 def added_tokens(model_dir: Path) -> list[dict]:
@@ -161,8 +158,16 @@ def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *,
     return info
 
 
-def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optional[int] = None) -> dict:
-    """Quantize a GGUF to `quant` (Q4_K_M, Q5_K_M, Q8_0 ...) with llama-cpp-python; checked, renamed."""
+def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optional[int] = None,
+                  token_embedding_type: Optional[str] = None, output_tensor_type: Optional[str] = None,
+                  imatrix: Optional[Path] = None) -> dict:
+    """Quantize a GGUF to `quant` (Q4_K_M, Q5_K_M, Q8_0 ...) with llama-cpp-python; checked, renamed.
+
+    `token_embedding_type` / `output_tensor_type` ("Q8_0", "F16") override llama.cpp's choice for
+    token_embd.weight / output.weight; `imatrix` is an importance matrix GGUF (`imatrix.compute_imatrix`).
+    The result counts the tensors that fell back to another type (llama.cpp's log) and lists the
+    tensor types in the file.
+    """
     import llama_cpp
 
     quant = quant.upper()
@@ -172,8 +177,13 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optiona
     in_file, out_file = Path(in_file).resolve(), Path(out_file).resolve()
     started = time.perf_counter()
     with atomic_path(out_file) as partial:
-        cmd = [sys.executable, "-c", _QUANTIZE_CODE, str(in_file), str(partial), quant, str(nthread or os.cpu_count() or 1)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        args = {"src": str(in_file), "dst": str(partial), "quant": quant, "nthread": nthread or os.cpu_count() or 1,
+                "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type,
+                "imatrix": str(imatrix) if imatrix else None}
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-m", "cpt_kit.export.quantize_child", json.dumps(args)],
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not partial.exists():
             how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
             raise ExportError(f"quantizing {in_file.name} to {quant} {how}; llama.cpp said:\n{_tail(proc.stderr + proc.stdout)}",
@@ -182,5 +192,7 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optiona
     fallback = FALLBACK_RE.search(proc.stderr + proc.stdout)
     info.update(quant=quant, seconds=round(time.perf_counter() - started, 2), path=str(out_file),
                 fallback_tensors=int(fallback.group(1)) if fallback else 0,
-                fallback_of=int(fallback.group(2)) if fallback else info["tensors"])
+                fallback_of=int(fallback.group(2)) if fallback else info["tensors"],
+                token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
+                imatrix=bool(imatrix))
     return info

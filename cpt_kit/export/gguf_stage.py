@@ -1,4 +1,8 @@
-"""The gguf stage: `merged/` -> `gguf/<name>-F16.gguf` (or BF16) + one file per quantization."""
+"""The gguf stage: `merged/` -> `gguf/<name>-F16.gguf` (or BF16) + one file per quantization.
+
+Quality levers from the recipe's Export section: token_embd/output tensor types for every
+quantization, and (export.imatrix) an importance matrix computed from the run's training text,
+`gguf/imatrix.gguf`, used for every quantization below 8 bits."""
 
 from __future__ import annotations
 
@@ -30,26 +34,70 @@ def input_fingerprint(ctx) -> dict:
         return {"llama-cpp-python": None}
 
 
+NO_IMATRIX = ("Q8_0", "F16", "BF16")
+"""Types llama.cpp quantizes without using an importance matrix."""
+
+
+def imatrix_path(run: RunDir) -> Path:
+    return run.gguf / "imatrix.gguf"
+
+
+def _imatrix(ctx, reference: Path, quants: list[str]) -> dict | None:
+    """Compute gguf/imatrix.gguf from the training blocks when the recipe asks and a quantization uses it."""
+    recipe, run_dir = ctx.recipe, ctx.run
+    if not recipe.export.imatrix or all(q in NO_IMATRIX for q in quants):
+        return None
+    if not (run_dir.data / "train").is_dir():
+        ctx.log("no training text in this run (data/train): quantizing without an importance matrix")
+        return None
+    import tempfile
+
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export.imatrix import CHUNK_TOKENS, compute_imatrix, write_training_text
+    from cpt_kit.export.modelfile_stage import tokenizer_dir
+
+    blocks = load_from_disk(str(run_dir.data / "train"))["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir))
+    chunk = min(CHUNK_TOKENS, recipe.model.max_seq_length)
+    with tempfile.TemporaryDirectory(prefix="cpt-kit-imatrix-") as tmp:
+        text = Path(tmp) / "train.txt"
+        tokens = write_training_text(tokenizer, blocks, text, recipe.export.imatrix_tokens)
+        ctx.log(f"importance matrix from {tokens:,} training tokens")
+        info = compute_imatrix(reference, text, imatrix_path(run_dir), min(tokens, recipe.export.imatrix_tokens),
+                               chunk=chunk, log=ctx.log)
+    info["file"] = str(imatrix_path(run_dir).relative_to(run_dir.root))
+    return info
+
+
 def run(ctx) -> dict:
     from cpt_kit.export.gguf import check_disk_space, convert_to_gguf, quantize_gguf
     from cpt_kit.progress import progress
 
     recipe, run_dir = ctx.recipe, ctx.run
+    export = recipe.export
     merged = run_dir.merged
     if not (merged / "config.json").is_file():
         raise ExportError(f"no merged model in {merged}", where=str(run_dir.root), hint="run the merge stage first")
     files = gguf_files(run_dir, recipe)
-    outtype = recipe.export.outtype.upper()
+    outtype = export.outtype.upper()
     quants = [q for q in files if q != outtype]
     metrics: dict = {"disk": check_disk_space(merged, run_dir.gguf, len(quants))}
     ctx.log(f"converting {merged} to {outtype} GGUF")
     with progress(ctx.console, f"convert to {outtype}", None, heartbeat=True):
-        base = convert_to_gguf(merged, files[outtype], recipe.export.outtype, log=ctx.log)
+        base = convert_to_gguf(merged, files[outtype], export.outtype, log=ctx.log)
     files_metrics = {outtype: _short(base, run_dir)}
+    imatrix = _imatrix(ctx, files[outtype], quants)
+    if imatrix:
+        metrics["imatrix"] = imatrix
     for quant in quants:
-        ctx.log(f"quantizing to {quant}")
+        use_imatrix = imatrix is not None and quant not in NO_IMATRIX
+        ctx.log(f"quantizing to {quant}" + (" with the importance matrix" if use_imatrix else ""))
         with progress(ctx.console, f"quantize to {quant}", None, heartbeat=True):
-            info = quantize_gguf(files[outtype], files[quant], quant)
+            info = quantize_gguf(files[outtype], files[quant], quant, token_embedding_type=export.token_embedding_type,
+                                 output_tensor_type=export.output_tensor_type,
+                                 imatrix=imatrix_path(run_dir) if use_imatrix else None)
         if info["fallback_tensors"]:
             ctx.log(f"{quant}: {info['fallback_tensors']} of {info['fallback_of']} tensor(s) required fallback "
                     "quantization (row sizes not a multiple of the block size)")

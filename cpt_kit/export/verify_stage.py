@@ -64,6 +64,8 @@ def run(ctx) -> dict:
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
     from cpt_kit.export.gguf_stage import gguf_files
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
+    from cpt_kit.export.quant_gate import check_quantizations
+    from cpt_kit.export.quant_quality import compare_to_reference
     from cpt_kit.perplexity import FEW_BLOCKS, gguf_scores, hf_scores, load_scoring_model
     from cpt_kit.progress import progress
 
@@ -107,6 +109,11 @@ def run(ctx) -> dict:
         f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%}" + (f" [{f['delta_ci95'][0]:+.3%}, {f['delta_ci95'][1]:+.3%}])"
                                                            if f["delta_ci95"] else ")")
         for n, f in checks["perplexity"]["formats"].items()))
+    quantized = {q: p for q, p in files.items() if q != reference}
+    if quantized:
+        with progress(ctx.console, "quantization KL vs " + reference, None, heartbeat=True):
+            quality = compare_to_reference(files[reference], quantized, blocks, threads)
+        checks["quantizations"] = check_quantizations(ctx, files, reference, quality["quantized"])
 
     modelfile = written_modelfile(run_dir)
     if jinja_text(tokenizer) and modelfile.template not in (None, COMPLETION_TEMPLATE):
@@ -117,7 +124,8 @@ def run(ctx) -> dict:
             ctx.log(f"chat template: Ollama's TEMPLATE renders {len(checks['chat_template']['conversations'])} "
                     f"conversations {'identically' if checks['chat_template']['passed'] else 'DIFFERENTLY'}")
         prompt = expected_prompt(tokenizer, [{"role": "user", "content": "Saluton! Kiel vi fartas?"}], modelfile.system)
-        checks["stop"] = verify.check_stop(files.get(chosen_quant(recipe), files[reference]), prompt or "",
+        served = checks.get("quantizations", {}).get("modelfile_quant", chosen_quant(recipe))
+        checks["stop"] = verify.check_stop(files.get(served, files[reference]), prompt or "",
                                            modelfile.params("stop"), n_threads=threads)
 
     summary = verify.summarize(checks)
@@ -165,16 +173,21 @@ def run(ctx) -> dict:
                     reasons.append(f"chat template: Ollama's TEMPLATE renders {m['conversation']} differently from "
                                    f"the tokenizer's chat template (Ollama {m['ollama']!r} vs {m['chat_template']!r}); "
                                    "set export.modelfile.template to a matching family or file")
+            elif name == "quantizations":
+                reasons.append(c["message"])
             else:
                 reasons.append(f"stop: end-of-turn handling failed ({json.dumps(c.get('forced'))})")
-        raise VerificationError("; ".join(reasons), where=str(run_dir.verify),
-                                hint="see verify.json; re-run the gguf stage from the merged model")
+        hint = checks["quantizations"]["fix"] if summary["failed"] == ["quantizations"] \
+            else "see verify.json; re-run the gguf stage from the merged model"
+        raise VerificationError("; ".join(reasons), where=str(run_dir.verify), hint=hint)
     formats = checks["perplexity"]["formats"]
     metrics = {"passed": True, "tokenizer_texts": checks["tokenizer"]["texts"], "ppl_hf": round(hf, 4),
                "perplexity_tokens": hf_blocks.total_tokens,
                **{f"ppl_{n}": round(f["perplexity"], 4) for n, f in formats.items()},
                **{f"ppl_delta_{n}": round(f["delta"], 5) for n, f in formats.items()},
                "warnings": warnings, "headline": ["passed", "ppl_hf", f"ppl_{reference}"]}
+    for quant, gate in checks.get("quantizations", {}).get("formats", {}).items():
+        metrics[f"kl_{quant}"] = round(gate["mean_kl"], 5)
     if "stop" in checks:
         metrics["stop_natural"] = checks["stop"]["natural"]["finish_reason"]
     if "chat_template" in checks:

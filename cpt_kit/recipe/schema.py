@@ -217,6 +217,25 @@ class Export:
     """Also write a LoRA-adapter GGUF and a Modelfile with ADAPTER over the base GGUF."""
     max_f16_ppl_delta: float = 0.01
     """Verification fails if the F16 GGUF's perplexity differs from the HF model's by more than this share."""
+    quant_max_ppl_delta: tuple[str, ...] = ()
+    """Per-quantization limit on the perplexity increase over the F16 GGUF, as "QUANT=share" items
+    (e.g. ("Q4_K_M=0.3",); "Q4_K_M=none" turns it off). Unlisted quantizations use the measured
+    defaults (cpt_kit/export/quant_gate.py, README): Q8_0 0.02, Q6_K 0.05, Q5_K_M 0.08, Q4_K_M 0.15.
+    A quantization over its limit fails verify, and the Modelfile is pointed at one that passed."""
+    quant_max_kl: tuple[str, ...] = ()
+    """Per-quantization limit on the mean KL divergence (nats/token) of the next-token distributions from
+    the F16 GGUF's, as "QUANT=value" items; defaults: Q8_0 0.01, Q6_K 0.03, Q5_K_M 0.06, Q4_K_M 0.12."""
+    token_embedding_type: Optional[Literal["Q8_0", "F16"]] = "Q8_0"
+    """Type of token_embd.weight in every quantization (llama.cpp's token_embedding_type; None: llama.cpp's
+    choice for the quantization). Q8_0 keeps a new language's embeddings intact for ~1 bit/weight more."""
+    output_tensor_type: Optional[Literal["Q8_0", "F16"]] = "Q8_0"
+    """Type of output.weight (lm_head) in every quantization (llama.cpp's output_tensor_type; None:
+    llama.cpp's choice). Ignored when the output is tied to token_embd."""
+    imatrix: bool = True
+    """Quantize types below 6 bits with an importance matrix computed from the run's own training text
+    (llama.cpp's llama-imatrix, built from the llama-cpp-python source on first use and cached)."""
+    imatrix_tokens: int = 32768
+    """Training tokens the importance matrix is computed on (in chunks of up to 512)."""
 
 
 @dataclass(frozen=True)

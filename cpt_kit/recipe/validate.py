@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from cpt_kit.data.text_files import SPLIT_KEYWORDS, separator_pattern
 from cpt_kit.errors import DataError, RecipeError
+from cpt_kit.export.quant_gate import parse_limit_items
 from cpt_kit.recipe import schema
 from cpt_kit.recipe.schema import ALL_LINEAR, QUANT_TYPES, Recipe
 
@@ -149,6 +150,15 @@ def check_values(r: Recipe) -> None:
                  f"{e.modelfile_quant!r} is not produced by this recipe",
                  f"pick one of {list(e.quantizations) + [e.outtype.upper()]}")
     _require(e.max_f16_ppl_delta > 0, "export.max_f16_ppl_delta", "must be > 0")
+    for key in ("quant_max_ppl_delta", "quant_max_kl"):
+        try:
+            limits = parse_limit_items(getattr(e, key), f"export.{key}")
+        except ValueError as exc:
+            raise RecipeError(str(exc).split(": ", 1)[1], where=f"export.{key}",
+                              hint='items like "Q4_K_M=0.3" or "Q4_K_M=none"') from None
+        for q in limits:
+            _require(q in QUANT_TYPES, f"export.{key}", f"unknown quantization {q!r}", closest_hint(q, QUANT_TYPES))
+    _require(e.imatrix_tokens >= 512, "export.imatrix_tokens", f"must be >= 512, got {e.imatrix_tokens}")
     _require(e.modelfile.num_ctx is None or e.modelfile.num_ctx > 0, "export.modelfile.num_ctx", "must be > 0")
 
 
