@@ -31,6 +31,7 @@ from cpt_kit.rundir import atomic_path
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 FALLBACK_RE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+IMATRIX_RE = re.compile(r"cpt-kit: using (\d+) importance matrix entries")
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -194,5 +195,5 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optiona
                 fallback_tensors=int(fallback.group(1)) if fallback else 0,
                 fallback_of=int(fallback.group(2)) if fallback else info["tensors"],
                 token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
-                imatrix=bool(imatrix))
+                imatrix_entries=int(IMATRIX_RE.search(proc.stderr).group(1)) if imatrix else 0)
     return info
