@@ -6,8 +6,8 @@
 - `quantize_gguf(in_file, out_file, quant)` calls `llama_cpp.llama_model_quantize` in a
   subprocess (a crash in C cannot take the caller down, and llama.cpp's log, which says how many
   tensors needed a fallback type, can be read).
-- Every output is written to a temporary name, checked with `check_gguf` (gguf.GGUFReader opens
-  it, it has tensors, every tensor's data lies inside the file) and only then renamed.
+- Every output is written to a temporary name, checked with `check_gguf` (llama.cpp's own parser
+  reads its header, it has tensors, every tensor's data lies inside the file) and only then renamed.
 - `prepare_converter_dir` gives the converter the added tokens that transformers 5 keeps only
   in tokenizer.json (the converter reads them from tokenizer_config.json's added_tokens_decoder).
 """
@@ -59,29 +59,28 @@ def check_disk_space(model_dir: Path, out_dir: Path, n_quants: int) -> dict:
 
 
 def check_gguf(path: Path) -> dict:
-    """Open a GGUF with gguf.GGUFReader and check it is complete; returns {tensors, bytes, ...}."""
-    from gguf import GGUFReader
+    """Check a GGUF is complete (llama.cpp's parser reads its header, it has tensors, every tensor's
+    data lies inside the file); returns {tensors, bytes, architecture, tensor_types, token_embd_type, output_type}."""
+    from cpt_kit.export.gguf_header import read_header
 
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
     try:
-        reader = GGUFReader(path)
-        tensors = list(reader.tensors)
-    except Exception as exc:  # truncated headers raise all kinds of errors (ValueError, IndexError...)
-        raise ExportError(f"{path.name} is not a readable GGUF file ({type(exc).__name__}: {exc})", where=str(path),
+        header = read_header(path)
+    except ValueError as exc:
+        raise ExportError(f"{path.name} is not a readable GGUF file ({exc})", where=str(path),
                           hint="the file is truncated or corrupt: delete it and export again") from None
+    tensors = header["tensors"]
     if not tensors:
         raise ExportError(f"{path.name} holds no tensors", where=str(path), hint="delete it and export again")
-    end = max(int(t.data_offset) + int(t.n_bytes) for t in tensors)
+    end = max(offset + nbytes for _, _, offset, nbytes in tensors)
     if end > size:
         raise ExportError(f"{path.name} is truncated: tensor data ends at byte {end}, the file has {size}",
                           where=str(path), hint="delete it and export again")
-    arch = reader.fields.get("general.architecture")
-    arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else None
-    types = Counter(t.tensor_type.name for t in tensors)
-    named = {t.name: t.tensor_type.name for t in tensors if t.name in ("token_embd.weight", "output.weight")}
-    return {"tensors": len(tensors), "bytes": size, "architecture": arch_name, "tensor_types": dict(types),
-            "token_embd_type": named.get("token_embd.weight"), "output_type": named.get("output.weight")}
+    types = {name: kind.upper() for name, kind, _, _ in tensors}
+    return {"tensors": len(tensors), "bytes": size, "architecture": header["architecture"],
+            "tensor_types": dict(Counter(types.values())), "token_embd_type": types.get("token_embd.weight"),
+            "output_type": types.get("output.weight")}
 
 
 def added_tokens(model_dir: Path) -> list[dict]:
