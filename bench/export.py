@@ -8,6 +8,9 @@ LoRA adapter (r16 on all linear layers + embed_tokens/lm_head), then in the same
   memory: peak RSS of `merge_adapter` in a fresh subprocess (VmHWM after reset, minus the RSS of
           the imported libraries), relative to the largest base shard; target <= 2x shard + adapter
   time:   merge + convert (F16) + quantize (Q8_0, Q4_K_M) vs copying the base model's files
+  stage:  cpt-kit's gguf stage (same quantizations, levers off) vs the same converter + quantizer run by
+          hand (convert_hf_to_gguf.py, then llama_model_quantize per type, each a plain subprocess);
+          --vocab pads the model's vocabulary (the converter adds [PAD] tokens) to time real vocab sizes
   speed:  greedy decode tokens/s, llama.cpp (llama-cpp-python; F16, Q8_0, Q4_K_M GGUF) vs
           transformers `generate` (fp32) on the same merged model, same prompt, same thread count
 Prints a summary and replaces the "## export" section of BENCHMARKS.md unless --no-write.
@@ -47,7 +50,7 @@ print("RESULT " + json.dumps(info))
 """
 
 
-def build(work: Path, hidden: int, layers: int, shard: str) -> tuple[Path, Path]:
+def build(work: Path, hidden: int, layers: int, shard: str, vocab: int = 0) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -63,7 +66,7 @@ def build(work: Path, hidden: int, layers: int, shard: str) -> tuple[Path, Path]
     for f in base.glob("*.safetensors"):
         f.unlink()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
+    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
@@ -80,6 +83,51 @@ def build(work: Path, hidden: int, layers: int, shard: str) -> tuple[Path, Path]
     tokenizer.save_pretrained(adapter)
     shutil.copyfile(base / "tokenizer.model", adapter / "tokenizer.model")
     return base, adapter
+
+
+HAND_QUANTIZE = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
+def by_hand(merged: Path, out: Path, quants: tuple[str, ...], threads: int) -> float:
+    """Seconds for llama.cpp's converter + llama-cpp-python's quantizer run the plain way, no checks."""
+    from cpt_kit.export.llama_cpp import converter_script
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(converter_script()), str(merged), "--outfile", str(out / "m-F16.gguf"),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    for quant in quants:
+        subprocess.run([sys.executable, "-c", HAND_QUANTIZE, str(out / "m-F16.gguf"), str(out / f"m-{quant}.gguf"),
+                        quant, str(threads)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def gguf_stage_seconds(merged: Path, root: Path, quants: tuple[str, ...]) -> float:
+    """Seconds for cpt-kit's gguf stage on the same merged model (levers off: the same work as by hand)."""
+    from rich.console import Console
+
+    from cpt_kit.export import gguf_stage
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.pipeline import StageContext
+    from cpt_kit.recipe import Export, Model, Recipe
+    from cpt_kit.rundir import RunDir
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    (root / "merged").symlink_to(merged.resolve())
+    recipe = Recipe(name="m", model=Model(base=str(merged)),
+                    export=Export(quantizations=quants, token_embedding_type=None, output_tensor_type=None, imatrix=False))
+    run = RunDir(root)
+    start = time.perf_counter()
+    gguf_stage.run(StageContext(recipe, run, Manifest.load(run.manifest), Console(quiet=True)))
+    return time.perf_counter() - start
 
 
 def dir_bytes(path: Path) -> int:
@@ -148,6 +196,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--shard", default="50MB")
+    parser.add_argument("--vocab", type=int, default=0, help="pad the vocabulary to this size (0: the tokenizer's 1000)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
@@ -157,7 +206,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter = build(work, args.hidden, args.layers, args.shard)
+    base, adapter = build(work, args.hidden, args.layers, args.shard, args.vocab)
     shards = sorted(base.glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards)
     adapter_bytes = dir_bytes(adapter)
@@ -175,6 +224,9 @@ def main() -> None:
     quants = {q: quantize_gguf(gguf / "m-F16.gguf", gguf / f"m-{q}.gguf", q, nthread=args.threads) for q in ("Q8_0", "Q4_K_M")}
     export_seconds = merge["seconds"] + convert["seconds"] + sum(q["seconds"] for q in quants.values())
 
+    hand_seconds = by_hand(work / "merged", work / "by-hand", tuple(quants), args.threads)
+    stage_seconds = gguf_stage_seconds(work / "merged", work / "stage-run", tuple(quants))
+
     from transformers import AutoTokenizer
     prompt = AutoTokenizer.from_pretrained(work / "merged")("The old bridge over the river")["input_ids"]
     hf_tps = tokens_per_second_hf(work / "merged", prompt, args.tokens, args.threads)
@@ -187,9 +239,9 @@ def main() -> None:
     lines = [
         SECTION, "",
         "Merge memory, export time and inference speed on a random-weight Llama-architecture model built offline",
-        f"(hidden {args.hidden}, {args.layers} layers, {params:.0f}M parameters, bf16, {len(shards)} shards of <= {args.shard};",
+        f"(hidden {args.hidden}, {args.layers} layers, vocabulary {max(args.vocab, 1000)}, {params:.0f}M parameters, bf16, {len(shards)} shards of <= {args.shard};",
         "adapter: LoRA r16 rsLoRA on all linear layers + embed_tokens/lm_head as full modules).", "",
-        f"- command: `python bench/export.py --hidden {args.hidden} --layers {args.layers} --shard {args.shard}`",
+        f"- command: `python bench/export.py --hidden {args.hidden} --layers {args.layers} --shard {args.shard} --vocab {args.vocab}`",
         f"- machine: {cpu}, {os.cpu_count()} CPU threads (shared with other jobs), {args.threads} threads used",
         f"- date: {datetime.date.today().isoformat()}", "",
         "| measure | value | relative |", "|---|---|---|",
@@ -204,6 +256,8 @@ def main() -> None:
         f"| quantize Q8_0 + Q4_K_M | {sum(q['seconds'] for q in quants.values()):.2f} s | "
         f"{sum(q['seconds'] for q in quants.values()) / copy_seconds:.1f}x copy |",
         f"| merge + convert + quantize | {export_seconds:.2f} s | **{export_seconds / copy_seconds:.1f}x copy** |",
+        f"| converter + quantizer by hand (F16, Q8_0, Q4_K_M) | {hand_seconds:.2f} s | 1.00x |",
+        f"| cpt-kit gguf stage, same work (levers off) | {stage_seconds:.2f} s | **{stage_seconds / hand_seconds:.2f}x by hand** (target <= 1.3x) |",
         f"| HF generate (fp32), greedy decode | {hf_tps:.1f} tok/s | 1.00x |",
     ] + [f"| llama.cpp {k} GGUF, greedy decode | {v:.1f} tok/s | **{v / hf_tps:.2f}x HF** |" for k, v in gguf_tps.items()] + [
         "", f"Decode speed: {args.tokens} new tokens after a {len(prompt)}-token prompt, prompt time excluded.",

@@ -2,51 +2,71 @@
 # Installs everything cpt-kit needs into .venv (idempotent; a rerun on the same machine is quick).
 # Follows ENVIRONMENT.md: CPU torch pinned, real unsloth on CPU, llama-cpp-python built with
 # the flags that avoid the quantized-GGUF segfault, its sdist kept for the offline converter.
+# Each step prints the seconds since the start, so a slow install shows where the time went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=.venv
+VENV=${CPT_KIT_VENV:-.venv}
 CACHE=.cache
 LLAMA_VERSION=0.3.36
+START=$(date +%s)
+step() { echo "setup: [$(( $(date +%s) - START )) s] $*"; }
 mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 STAMP="$VENV/.cpt-kit-installed-$(cat constraints.txt pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)"
-if [ -f "$STAMP" ]; then echo "setup: .venv up to date"; exit 0; fi
+if [ -f "$STAMP" ]; then echo "setup: $VENV up to date"; exit 0; fi
 
-echo "setup: torch (CPU build) + unsloth"
-$PIP install -c constraints.txt torch==2.13.0
-$PIP install -c constraints.txt "unsloth==2026.10.9" "unsloth_zoo==2026.10.9"
-# GPU-only extras that break `import unsloth` on a CPU torch (ENVIRONMENT.md).
-$VENV/bin/pip uninstall -y -q torchvision xformers triton 2>/dev/null || true
+# llama.cpp's own GGUF converter (and llama-imatrix's source) come from the sdist of the same
+# version; cpt_kit/export/llama_cpp.py finds it here. The wheel is built from this same file.
+SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION"
+if [ ! -d "$SDIST" ]; then
+  step "downloading the llama-cpp-python $LLAMA_VERSION source"
+  $VENV/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$CACHE/sdist"
+  tar -xzf "$SDIST.tar.gz" -C "$CACHE/sdist"
+fi
 
 # The default native build segfaults on quantized GGUFs on some CPUs: build for a fixed AVX2 set.
-# The ~5 min build is cached in the repo's ignored .cache/ and in ~/.cache/cpt-kit/wheels, so a
-# fresh clone on the same machine reuses it.
+# Only what cpt-kit uses is built: libllama + ggml (+ llama-common, which the package always builds);
+# LLAVA_BUILD=OFF skips libmtmd (multimodal, about a third of the compile time). The build runs in the
+# background while torch and unsloth install, and is cached in .cache/wheels and
+# ~/.cache/cpt-kit/wheels, so a fresh clone on the same machine reuses it.
 MACHINE_CACHE="${CPT_KIT_CACHE:-$HOME/.cache/cpt-kit}/wheels"
-echo "setup: llama-cpp-python $LLAMA_VERSION (wheel cached in $CACHE/wheels and $MACHINE_CACHE)"
 mkdir -p "$MACHINE_CACHE"
 WHEEL_GLOB="llama_cpp_python-$LLAMA_VERSION-*.whl"
+BUILD_PID=""
 if ! ls "$CACHE/wheels"/$WHEEL_GLOB >/dev/null 2>&1; then
   if ls "$MACHINE_CACHE"/$WHEEL_GLOB >/dev/null 2>&1; then
     cp "$MACHINE_CACHE"/$WHEEL_GLOB "$CACHE/wheels/"
   else
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-      $VENV/bin/pip wheel -q --no-deps -w "$CACHE/wheels" "llama-cpp-python==$LLAMA_VERSION"
+    step "building llama-cpp-python $LLAMA_VERSION in the background (log: $CACHE/llama-cpp-build.log)"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \
+      $VENV/bin/pip wheel -q --no-deps -w "$CACHE/wheels" "$SDIST.tar.gz" >"$CACHE/llama-cpp-build.log" 2>&1 &
+    BUILD_PID=$!
+  fi
+fi
+
+step "torch (CPU build)"
+$PIP install -c constraints.txt torch==2.13.0
+step "unsloth"
+$PIP install -c constraints.txt "unsloth==2026.10.9" "unsloth_zoo==2026.10.9"
+# GPU-only extras that break `import unsloth` on a CPU torch (ENVIRONMENT.md).
+$VENV/bin/pip uninstall -y -q torchvision xformers triton 2>/dev/null || true
+step "cpt-kit"
+$PIP install -c constraints.txt -e .
+
+if [ -n "$BUILD_PID" ]; then
+  step "waiting for the llama-cpp-python build"
+  if ! wait "$BUILD_PID"; then
+    tail -30 "$CACHE/llama-cpp-build.log" >&2
+    echo "setup: building llama-cpp-python failed (full log: $CACHE/llama-cpp-build.log)" >&2
+    exit 1
   fi
 fi
 cp -n "$CACHE/wheels"/$WHEEL_GLOB "$MACHINE_CACHE/" 2>/dev/null || true
-$PIP install -c constraints.txt --no-deps "$CACHE/wheels"/llama_cpp_python-$LLAMA_VERSION-*.whl
-$PIP install -c constraints.txt diskcache jinja2 typing-extensions numpy
-# llama.cpp's own GGUF converter comes from the sdist of the same version (cpt_kit/export/llama_cpp.py
-# finds it here; it would otherwise download it on first export).
-if [ ! -d "$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION" ]; then
-  $VENV/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$CACHE/sdist"
-  tar -xzf "$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$CACHE/sdist"
-fi
-
-echo "setup: cpt-kit and its test tools"
-$PIP install -c constraints.txt -e ".[test]"
+step "llama-cpp-python and the test tools"
+$PIP install -c constraints.txt --no-deps "$CACHE/wheels"/$WHEEL_GLOB
+$PIP install -c constraints.txt diskcache jinja2 typing-extensions numpy -e ".[test]"
 rm -f "$VENV"/.cpt-kit-installed-*
 touch "$STAMP"
-echo "setup: done"
+step "done"
