@@ -1,6 +1,6 @@
 """Benchmark: what llama.cpp's quality levers buy per quantization on a small model with a large vocabulary.
 
-    .venv/bin/python bench/quant_levers.py [--vocab 32000 --hidden 640 --layers 4 --steps 120] [--no-write]
+    .venv/bin/python bench/quant_levers.py [--vocab 32000 --hidden 640 --layers 2 --steps 24 --blocks 12] [--no-write]
 
 Builds offline a Llama-architecture model shaped like the small models that quantize worst (hidden 640,
 so 640-wide rows are not a multiple of the K-quant block of 256 and fall back to other types; a
@@ -58,14 +58,16 @@ def build(work: Path, args) -> tuple[Path, list[str], list[str]]:
     random.Random(0).shuffle(docs)
     heldout, train = docs[:10], docs[10:]
     model = work / "model"
-    if not (model / "config.json").is_file():
+    if not (model / "trained").is_file():
         started = time.perf_counter()
         build_tiny_model(model, tokenizer_corpus(args.corpus_mb * 2**20) + train, vocab_size=args.vocab,
                          hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
                          intermediate_size=args.intermediate)
         print(f"tokenizer + model built in {time.perf_counter() - started:.0f} s", flush=True)
         started = time.perf_counter()
-        losses = pretrain_tiny_model(model, train, steps=args.steps, seq_len=128, batch_size=4)
+        losses = pretrain_tiny_model(model, train, steps=args.steps, seq_len=128, batch_size=4,
+                                     progress=lambda loss: print(f"  loss {loss:.3f}", flush=True))
+        (model / "trained").write_text(f"{args.steps}\n")
         print(f"trained {args.steps} steps in {time.perf_counter() - started:.0f} s: loss {losses[0]:.2f} -> {losses[-1]:.2f}",
               flush=True)
     return model, train, heldout
@@ -77,8 +79,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--blocks", type=int, default=12, help="held-out blocks of 256 tokens")
     parser.add_argument("--corpus-mb", type=int, default=8)
     parser.add_argument("--imatrix-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
@@ -120,7 +123,7 @@ def main() -> None:
                                         output_tensor_type=options.get("output_tensor_type"),
                                         imatrix=work / "imatrix.gguf" if options.get("imatrix") else None)
             files[name] = path
-    heldout_blocks = blocks_of(heldout, 256)[:24]
+    heldout_blocks = blocks_of(heldout, 256)[:args.blocks]
     started = time.perf_counter()
     quality = compare_to_reference(f16, files, heldout_blocks, args.threads)
     print(f"compared {len(files)} GGUFs on {len(heldout_blocks)} blocks in {time.perf_counter() - started:.0f} s")
