@@ -3,9 +3,10 @@
 - `convert_to_gguf(model_dir, out_file, outtype)` runs `convert_hf_to_gguf.py` of the installed
   llama-cpp-python version as a subprocess (`sys.executable`); a failure raises ExportError with
   the converter's own last stderr lines.
-- `quantize_gguf(in_file, out_file, quant)` calls `llama_cpp.llama_model_quantize` in a
-  subprocess (a crash in C cannot take the caller down, and llama.cpp's log, which says how many
-  tensors needed a fallback type, can be read).
+- `quantize_gguf(in_file, out_file, quant, ...)` calls `llama_cpp.llama_model_quantize` in a
+  subprocess (`quantize_child`: a crash in C cannot take the caller down, and llama.cpp's log, which
+  says how many tensors needed a fallback type, can be read), optionally with token_embd/output
+  types and an importance matrix.
 - Every output is written to a temporary name, checked with `check_gguf` (llama.cpp's own parser
   reads its header, it has tensors, every tensor's data lies inside the file) and only then renamed.
 - `prepare_converter_dir` gives the converter the added tokens that transformers 5 keeps only

@@ -64,6 +64,9 @@ def _imatrix(ctx, reference: Path, quants: list[str]) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="cpt-kit-imatrix-") as tmp:
         text = Path(tmp) / "train.txt"
         tokens = write_training_text(tokenizer, blocks, text, recipe.export.imatrix_tokens)
+        if tokens < 4 * chunk:  # llama-imatrix needs at least two chunks of text after its own tokenization
+            ctx.log(f"only {tokens} training tokens: quantizing without an importance matrix (needs {4 * chunk})")
+            return None
         ctx.log(f"importance matrix from {tokens:,} training tokens")
         info = compute_imatrix(reference, text, imatrix_path(run_dir), min(tokens, recipe.export.imatrix_tokens),
                                chunk=chunk, log=ctx.log)
