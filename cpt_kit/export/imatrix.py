@@ -3,8 +3,9 @@
 `llama-imatrix` is not part of the llama-cpp-python wheel, but everything it links against is: the
 wheel installs libllama, libggml* and libllama-common. So on first use only `tools/imatrix/imatrix.cpp`
 of the same version's source (the sdist the GGUF converter comes from) is compiled against the
-installed libraries: one C++ file, about 15 s on 2 cores, no cmake, offline. The binary is cached in
-`<repo>/.cache/llama-tools/` and `~/.cache/cpt-kit/llama-tools/` (keyed by version and install path).
+installed libraries: one C++ file, 15-30 s on 2 cores, no cmake, offline. The binary is cached in the
+first writable of `$CPT_KIT_CACHE`, `<repo>/.cache` and `~/.cache/cpt-kit` (under `llama-tools/`, keyed
+by version and install path) and found in any of them.
 
 The resulting imatrix GGUF (sums of squared activations per weight column, and counts) is read
 back with the `gguf` package and handed to `llama_model_quantize` as `llama_model_imatrix_data`
@@ -65,7 +66,7 @@ def imatrix_tool(log: Optional[Callable[[str], None]] = None) -> Path:
         raise ExportError("no C++ compiler to build llama-imatrix (needed once, for export.imatrix)",
                           where="export.imatrix", hint="install g++ (e.g. apt-get install g++), or set export.imatrix=False")
     src = llama_cpp_dir()
-    target = next((c for c in caches[1:] + caches[:1] if _writable(c)), caches[0])
+    target = next((c for c in caches if _writable(c)), caches[-1])
     target.mkdir(parents=True, exist_ok=True)
     rpath = ":".join(map(str, lib_dirs))
     cmd = [compiler, "-O2", "-std=c++17", "-pthread", *(f"-I{src / d}" for d in ("common", "include", "ggml/include", "vendor")),
