@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--corpus-mb", type=int, default=8)
     parser.add_argument("--imatrix-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quants", default=",".join(QUANTS), help="comma-separated quantization types")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -112,7 +113,7 @@ def main() -> None:
     print(f"imatrix: {im['chunks']} chunks of 512 tokens in {im['seconds']:.0f} s", flush=True)
 
     files, infos = {}, {}
-    for quant in QUANTS:
+    for quant in args.quants.split(","):
         for lever, options in LEVERS.items():
             if quant == "Q8_0" and options.get("imatrix"):
                 continue  # Q8_0 does not use an importance matrix
@@ -138,7 +139,8 @@ def main() -> None:
         f"{im['chunks']} x 512 training tokens.",
         f"Perplexity change and mean KL divergence (nats/token) vs the F16 GGUF (perplexity "
         f"{quality['reference']['perplexity']:.2f}, {quality['reference']['tokens']} held-out tokens, F16 {f16_mib:.1f} MiB).", "",
-        f"- command: `python bench/quant_levers.py --vocab {args.vocab} --hidden {args.hidden} --layers {args.layers} --steps {args.steps}`",
+        f"- command: `python bench/quant_levers.py --vocab {args.vocab} --hidden {args.hidden} --layers {args.layers} --steps {args.steps} "
+        f"--blocks {args.blocks} --imatrix-tokens {args.imatrix_tokens} --quants {args.quants}`",
         f"- machine: {cpu}, {os.cpu_count()} CPU threads (shared), {args.threads} threads used",
         f"- date: {datetime.date.today().isoformat()}", "",
         "| quant | levers | size MiB | fallback tensors | token_embd / output | perplexity vs F16 | mean KL | KL p99 | same top token |",
