@@ -64,7 +64,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("verify", "cpt_kit.export.verify_stage",
           reads=(*GGUF_NAMES, "export.modelfile_quant", "export.max_f16_ppl_delta", "export.quant_max_ppl_delta",
                  "export.quant_max_kl", "export.token_embedding_type", "export.output_tensor_type", "export.imatrix",
-                 "eval.max_blocks", "eval.prompts", "model.max_seq_length"),
+                 "eval.max_blocks", "model.max_seq_length"),
           # a quantization over its limit rewrites ollama/Modelfile's FROM (the modelfile stage redoes it on the next run)
           inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl", "ollama"), outputs=("verify.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files
