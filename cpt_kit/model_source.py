@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,28 +15,95 @@ TINY_PREFIX = "tiny:"
 
 
 def resolve_base(model: Model) -> str:
-    """A local directory or a hub id. A run directory (has manifest.json) means its merged model.
+    """A local model directory or a hub id.
 
-    `tiny:FOLDER` means a tiny Llama built offline from the .txt files in FOLDER (the demo's base;
-    built once and cached, see cpt_kit.tiny_model.cached_tiny_base).
+    - a finished run directory (has manifest.json): that run's merged/ model;
+    - a PEFT adapter folder (adapter_config.json): its base with the adapter merged in, built once
+      into the cache (cpt_kit.model_source.merged_adapter_base);
+    - a model folder (config.json), or a hub id;
+    - `tiny:FOLDER`: a tiny Llama built offline from the .txt files in FOLDER (the demo's base;
+      built once and cached, see cpt_kit.tiny_model.cached_tiny_base).
     """
     if model.base.startswith(TINY_PREFIX):
         from cpt_kit.tiny_model import cached_tiny_base
         return str(cached_tiny_base(Path(model.base[len(TINY_PREFIX):]).expanduser()))
     path = Path(model.base).expanduser()
     if (path / "manifest.json").is_file():
-        merged = path / "merged"
-        if not (merged / "config.json").is_file():
-            raise RecipeError(f"run {path} has no merged model yet", where="model.base",
-                              hint=f"finish that run first: cpt-kit run <its recipe> --until merge (or cpt-kit export {path})")
-        return str(merged)
+        return str(run_merged_model(path))
     if path.exists():
+        if (path / "adapter_config.json").is_file():
+            return str(merged_adapter_base(path, model))
         if not (path / "config.json").is_file():
-            raise RecipeError(f"{path} is not a model directory (no config.json)", where="model.base")
+            raise RecipeError(f"{path} is not a model directory (no config.json) nor a PEFT adapter "
+                              "(no adapter_config.json)", where="model.base")
         return str(path)
     if model.base.startswith((".", "/", "~")):
         raise RecipeError(f"local model directory {path} does not exist", where="model.base")
     return model.base
+
+
+def run_merged_model(run: Path) -> Path:
+    """merged/ of a run directory whose merge stage finished; else an error naming the missing stage
+    and the command that finishes it."""
+    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    stages = manifest.get("stages", {})
+    merged = run / "merged"
+    if stages.get("merge", {}).get("status") == "done" and (merged / "config.json").is_file():
+        return merged
+    name = manifest.get("recipe", {}).get("name", "RECIPE")
+    trained = stages.get("train", {}).get("status") in ("done", "external") and (run / "adapter").is_dir()
+    missing = "merge" if trained else "train"
+    state = stages.get(missing, {}).get("status", "not run")
+    command = (f"cpt-kit export {run}" if trained else
+               f"cpt-kit run recipes/{name}.py --output-dir {run} --until merge")
+    raise RecipeError(f"run {run} has no merged model: its {missing} stage is {state}", where="model.base",
+                      hint=f"finish that run first: {command}")
+
+
+def merged_adapter_base(adapter_dir: Path, model: Model) -> Path:
+    """Base + PEFT adapter merged (cpt_kit.export.merge, onto the 16-bit base), cached by content."""
+    import hashlib
+
+    from cpt_kit.export.merge import merge_adapter
+    from cpt_kit.manifest import file_sha256
+    from cpt_kit.rundir import atomic_path
+    from cpt_kit.tiny_model import cache_dir
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    info_file = adapter_dir / "cpt_kit_train.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    base_name = info.get("base") or config.get("base_model_name_or_path")
+    if not base_name:
+        raise RecipeError(f"the adapter {adapter_dir} does not name its base model", where="model.base",
+                          hint="set base_model_name_or_path in its adapter_config.json")
+    base = resolve_merge_base_for(base_name, model)
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
+    digest = hashlib.sha256(json.dumps([str(base), [(p.name, file_sha256(p)) for p in files]]).encode()).hexdigest()
+    target = cache_dir() / f"adapter-base-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    with atomic_path(target) as tmp:
+        merge_adapter(base, adapter_dir, tmp, tokenizer_dir=tokenizer_dir)
+    return target
+
+
+def resolve_merge_base_for(base_name: str, model: Model) -> Path:
+    """A local directory with the base's safetensors (downloaded when it is a hub id)."""
+    from dataclasses import replace
+
+    resolved = resolve_base(replace(model, base=base_name))
+    if Path(resolved).exists():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    kwargs = load_kwargs(model)
+    try:
+        return Path(snapshot_download(resolved, token=kwargs.get("token"),
+                                      allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]))
+    except Exception as exc:
+        raise RecipeError(f"cannot download the adapter's base {resolved!r}: {exc}", where="model.base",
+                          hint="point model.base to a local copy, or merge the adapter first") from None
 
 
 def is_local(model: Model) -> bool:

@@ -40,11 +40,12 @@ class Stage:
 
 MODEL_LOADING = ("model.base", "model.revision", "model.trust_remote_code", "model.hf_token_env")
 DATA_FILES = ("data/train", "data/heldout", "data/replay_heldout", "data/heldout_texts.jsonl", "data/tokenizer",
-              "data/tokenizer_extension.json", "data/stats.json")
+              "data/tokenizer_extension.json", "data/stats.json", "data/chat_template.json")
 GGUF_NAMES = ("name", "export.outtype", "export.quantizations")
 
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage("prepare", "cpt_kit.data.prepare", reads=(*MODEL_LOADING, "model.tokenizer", "model.max_seq_length", "data"),
+    Stage("prepare", "cpt_kit.data.prepare", reads=(*MODEL_LOADING, "model.tokenizer", "model.max_seq_length", "data",
+                                                    "train.objective", "sft"),
           outputs=DATA_FILES),
     Stage("train", "cpt_kit.train.stage", reads=("model", "lora", "train"),
           inputs=("data/train", "data/heldout", "data/tokenizer", "data/tokenizer_extension.json"), outputs=("adapter",)),
@@ -59,12 +60,12 @@ STAGE_TABLE: tuple[Stage, ...] = (
           inputs=("merged", "data/train", "data/tokenizer"), outputs=("gguf",)),
     Stage("modelfile", "cpt_kit.export.modelfile_stage",
           reads=(*GGUF_NAMES, *MODEL_LOADING, "model.max_seq_length", "export.modelfile", "export.modelfile_quant",
-                 "export.adapter_modelfile"),
+                 "export.adapter_modelfile", "train.objective", "sft.system_prompt"),
           inputs=("gguf", "merged", "data/tokenizer", "adapter"), outputs=("ollama",)),
     Stage("verify", "cpt_kit.export.verify_stage",
           reads=(*GGUF_NAMES, "export.modelfile_quant", "export.max_f16_ppl_delta", "export.quant_max_ppl_delta",
                  "export.quant_max_kl", "export.token_embedding_type", "export.output_tensor_type", "export.imatrix",
-                 "eval.max_blocks", "model.max_seq_length"),
+                 "eval.max_blocks", "model.max_seq_length", "train.objective"),
           # a quantization over its limit rewrites ollama/Modelfile's FROM (the modelfile stage redoes it on the next run)
           inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl", "ollama"), outputs=("verify.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files

@@ -304,3 +304,14 @@ def verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, eos: str, 
     assert stop["eot_tokens"][eos]["is_eog"] and not stop["double_bos"]
     assert stop["forced"]["finish_reason"] == "stop"
     return report, mf
+
+
+def test_control_tokens_must_be_single_gguf_control_tokens(exported_chatml, tiny_chatml, tiny_recipe):
+    from cpt_kit.export import verify, verify_stage
+
+    verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), exported_chatml))
+    controls = json.loads((exported_chatml / "verify.json").read_text())["checks"]["control_tokens"]
+    assert controls["passed"] and {"<|im_start|>", "<|im_end|>"} <= set(controls["tokens"])
+    gguf = exported_chatml / "gguf" / "tiny-Q8_0.gguf"
+    split = verify.check_control_tokens(gguf, ["<|im_end|>", "<|eot_id|>"])  # not in this vocabulary
+    assert not split["passed"] and len(split["tokens"]["<|eot_id|>"]["ids"]) > 1

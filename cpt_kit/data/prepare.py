@@ -112,6 +112,9 @@ def _read_replay(d: Data, tokenizer, progress, work: Path, wanted_blocks: int, b
 
 
 def run(ctx) -> dict[str, Any]:
+    if ctx.recipe.train.objective == "sft":  # chat data: cpt_kit.sft.prepare
+        from cpt_kit.sft.prepare import run as prepare_chat
+        return prepare_chat(ctx)
     from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cpt_kit.data import extend_tokenizer as ext

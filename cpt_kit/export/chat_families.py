@@ -38,6 +38,7 @@ JINJA_SOURCES = {
     "phi4": "microsoft/phi-4 tokenizer_config.json",
     "mistral": "mistralai/Mistral-7B-Instruct-v0.2 (llama.cpp tests/test-chat-template.cpp)",
     "llama2": "meta-llama Llama-2-chat (ollama template/index.json, llama2-chat)",
+    "qa": "cpt-kit's plain-text question/answer prompt format (sft.chat_template='qa')",
 }
 
 
@@ -70,6 +71,7 @@ FAMILIES: dict[str, ChatFamily] = {f.name: f for f in (
     ChatFamily("phi3", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ("<|end|>", "<|endoftext|>")),
     ChatFamily("mistral", ("[INST]", "[/INST]"), ()),
     ChatFamily("llama2", ("[INST]", "[/INST]"), (), has_go_template=False),
+    ChatFamily("qa", (), ()),  # plain-text prompt format "### Question:/### Answer:", turns end with eos_token
 )}
 
 

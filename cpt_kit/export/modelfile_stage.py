@@ -47,6 +47,11 @@ def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def trained_system_prompt(recipe):
+    """The system prompt an SFT recipe put into every training conversation (Ollama's SYSTEM must match)."""
+    return recipe.sft.system_prompt if recipe.train.objective == "sft" else None
+
+
 def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
     """(Modelfile, ChatTemplateInfo) for `recipe`; `from_path` is relative to run.ollama."""
     from cpt_kit.export.chat_template import PROBES, expected_prompt, inspect_tokenizer, jinja_text
@@ -65,7 +70,7 @@ def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
         if getattr(spec, name) is not None:
             params.append((name, _number(getattr(spec, name))))
     params.append(("num_ctx", str(spec.num_ctx or recipe.model.max_seq_length)))
-    system = spec.system if spec.system is not None else info.default_system
+    system = spec.system if spec.system is not None else trained_system_prompt(recipe) or info.default_system
     return Modelfile(from_=from_path, template=info.template, system=system or None, parameters=params), info
 
 
@@ -93,6 +98,7 @@ def run(ctx) -> dict:
     metrics = {"modelfile": str(path.relative_to(run_dir.root)), "from": from_path, "quant": quant,
                "template_family": info.family, "stops": mf.params("stop"),
                "system_source": "recipe" if recipe.export.modelfile.system is not None
+               else "sft.system_prompt" if trained_system_prompt(recipe)
                else "chat template default" if info.default_system else None,
                "notes": info.notes, "headline": ["template_family", "quant", "ollama"]}
     if recipe.export.adapter_modelfile:

@@ -11,7 +11,9 @@
 - chat_template (chat models): the Modelfile TEMPLATE, rendered by Go's text/template as Ollama does
   (SYSTEM prepended), gives the same prompt as the tokenizer's chat template on several
   conversations; skipped, and said so, without a Go toolchain.
-- stop (chat models): every end-of-turn token is an end-of-generation (EOG) token in the GGUF
+- control_tokens (chat models): every special token the chat template writes is ONE GGUF token of
+  type control.
+- stop (chat models): every end-of-turn token is a single end-of-generation (EOG) token in the GGUF
   vocabulary, and greedy generation from a rendered chat prompt halts exactly when it is produced
   (forced by a logits processor after a few free tokens, because a tiny or CPT-only model need
   not emit it by itself); whether the model stops on its own within the bound is reported.
@@ -192,7 +194,8 @@ def compare_perplexity(hf: float, ggufs: dict[str, float], reference: str, max_d
 
 
 def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_tokens: int = 32,
-               forced_after: int = 3, n_threads: Optional[int] = None) -> dict:
+               forced_after: int = 3, n_threads: Optional[int] = None, require_natural: bool = False) -> dict:
+    """require_natural (fine-tuned chat models): greedy generation must also end its turn by itself."""
     import llama_cpp
     import numpy as np
     from llama_cpp import Llama
@@ -232,10 +235,34 @@ def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_
                             "tokens": forced["usage"]["completion_tokens"], "eot_text_in_output": eot in choice["text"]}
     forced_ok = "forced" in result and result["forced"]["finish_reason"] == "stop" \
         and result["forced"]["tokens"] <= forced_after and not result["forced"]["eot_text_in_output"]
-    result["passed"] = bool(forced_ok and all(t["is_eog"] for t in tokens.values() if t["single_token"])
+    natural_ok = result["natural"]["finish_reason"] == "stop" or not require_natural
+    result["natural"]["required"] = require_natural
+    result["passed"] = bool(forced_ok and natural_ok and all(t["single_token"] and t["is_eog"] for t in tokens.values())
                             and not double_bos)
     del llm
     return result
+
+
+def check_control_tokens(gguf: Path, tokens: Sequence[str]) -> dict:
+    """Each chat-template control token, written in a prompt, must be ONE token of GGUF type control
+    (else llama.cpp splits `<|im_end|>` into text pieces and Ollama never sees the end of a turn)."""
+    import llama_cpp
+    from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):
+        llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    found = {}
+    for text in tokens:
+        ids = llm.tokenize(("a" + text + "b").encode("utf-8"), add_bos=False, special=True)
+        own = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        control = len(own) == 1 and bool(llama_cpp.llama_vocab_get_attr(vocab, own[0])
+                                          & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+        found[text] = {"ids": own, "single_token": len(own) == 1 and own[0] in ids, "control": control}
+    del llm
+    return {"passed": all(t["single_token"] and t["control"] for t in found.values()), "gguf": gguf.name,
+            "tokens": found}
 
 
 def summarize(checks: dict[str, dict]) -> dict[str, Any]:

@@ -56,6 +56,20 @@ def written_modelfile(run_dir):
     return parse(path.read_text(encoding="utf-8"))
 
 
+def stop_prompt_messages(run, fine_tuned: bool) -> list[dict]:
+    """The stop check's prompt: for a fine-tuned chat model the first held-out conversation up to its
+    first assistant turn (what it was trained to answer and end), else a fixed greeting."""
+    path = run.data / "heldout_texts.jsonl"
+    if fine_tuned and path.is_file():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                messages = json.loads(line).get("messages") if line.strip() else None
+                if messages:
+                    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                    return messages[:first]
+    return [{"role": "user", "content": "Saluton! Kiel vi fartas?"}]
+
+
 def run(ctx) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -116,17 +130,24 @@ def run(ctx) -> dict:
         checks["quantizations"] = check_quantizations(ctx, files, reference, quality["quantized"])
 
     modelfile = written_modelfile(run_dir)
-    if jinja_text(tokenizer) and modelfile.template not in (None, COMPLETION_TEMPLATE):
+    template = jinja_text(tokenizer)
+    if template and modelfile.template not in (None, COMPLETION_TEMPLATE):
         checks["chat_template"] = verify.check_chat_template(tokenizer, modelfile.template, modelfile.system)
         if "skipped" in checks["chat_template"]:
             ctx.log(f"chat template: Go-render comparison skipped: {checks['chat_template']['skipped']}")
         else:
             ctx.log(f"chat template: Ollama's TEMPLATE renders {len(checks['chat_template']['conversations'])} "
                     f"conversations {'identically' if checks['chat_template']['passed'] else 'DIFFERENTLY'}")
-        prompt = expected_prompt(tokenizer, [{"role": "user", "content": "Saluton! Kiel vi fartas?"}], modelfile.system)
+        fine_tuned = recipe.train.objective == "sft"
+        prompt = expected_prompt(tokenizer, stop_prompt_messages(run_dir, fine_tuned), modelfile.system)
         served = checks.get("quantizations", {}).get("modelfile_quant", chosen_quant(recipe))
-        checks["stop"] = verify.check_stop(files.get(served, files[reference]), prompt or "",
-                                           modelfile.params("stop"), n_threads=threads)
+        chosen = files.get(served, files[reference])
+        stops = modelfile.params("stop")
+        controls = [t for t in tokenizer.all_special_tokens if t and t in template]
+        checks["control_tokens"] = verify.check_control_tokens(
+            chosen, list(dict.fromkeys(controls + [t for t in stops if t in tokenizer.all_special_tokens])))
+        checks["stop"] = verify.check_stop(chosen, prompt or "", stops, max_new_tokens=64 if fine_tuned else 32,
+                                           n_threads=threads, require_natural=fine_tuned)
 
     summary = verify.summarize(checks)
     warnings = checks["perplexity"].pop("warnings")
@@ -142,7 +163,8 @@ def run(ctx) -> dict:
                         f"{diff['text'][:60]!r} (not a failure: this model has no chat template)")
     if "skipped" in checks.get("chat_template", {}):
         warnings.append(f"the Modelfile TEMPLATE was not compared with the chat template: {checks['chat_template']['skipped']}")
-    if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop":
+    if "stop" in checks and checks["stop"]["natural"]["finish_reason"] != "stop" \
+            and not checks["stop"]["natural"]["required"]:
         warnings.append(f"greedy generation did not end its turn by itself within "
                         f"{checks['stop']['natural']['bound']} tokens (expected for an untrained chat model)")
     report = {**summary, "warnings": warnings, "checks": checks}
@@ -175,6 +197,14 @@ def run(ctx) -> dict:
                                    "set export.modelfile.template to a matching family or file")
             elif name == "quantizations":
                 reasons.append(c["message"])
+            elif name == "control_tokens":
+                bad = [t for t, v in c["tokens"].items() if not (v["single_token"] and v["control"])]
+                reasons.append(f"control tokens {bad} are not single GGUF control tokens: llama.cpp would split "
+                               "them into text pieces")
+            elif c.get("natural", {}).get("required") and c["natural"]["finish_reason"] != "stop":
+                reasons.append(f"stop: greedy generation did not end its turn within {c['natural']['bound']} "
+                               "tokens; the fine-tuned model has not learned to stop (train longer or check "
+                               "data/stats.json trained_share)")
             else:
                 reasons.append(f"stop: end-of-turn handling failed ({json.dumps(c.get('forced'))})")
         hint = checks["quantizations"]["fix"] if summary["failed"] == ["quantizations"] \

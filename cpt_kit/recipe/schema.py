@@ -128,12 +128,38 @@ class Data:
 
 
 @dataclass(frozen=True)
+class Sft:
+    """Chat data and template for train.objective="sft" (the corpus location stays in `data`)."""
+
+    format: Literal["auto", "messages", "sharegpt", "qa"] = "auto"
+    """Row layout: messages (role/content list), sharegpt (from/value list), qa (question/answer columns), auto (per row)."""
+    messages_field: str = "messages"
+    """Field holding a list of {"role", "content"} messages."""
+    conversations_field: str = "conversations"
+    """Field holding a ShareGPT list of {"from", "value"} turns (human/gpt/system are mapped to user/assistant/system)."""
+    question_field: str = "question"
+    """Field holding the question of a question/answer row (becomes the user turn)."""
+    answer_field: str = "answer"
+    """Field holding the answer of a question/answer row (becomes the assistant turn)."""
+    system_prompt: Optional[str] = None
+    """System message put first in every conversation that has none (also the Modelfile's SYSTEM unless export.modelfile.system is set)."""
+    chat_template: str = "auto"
+    """auto (the tokenizer's own template, else ChatML), a family of cpt_kit.export.chat_families (chatml, llama3, llama31, gemma, phi3, phi4, mistral) or the plain-text prompt format qa (### Question:/### Answer:)."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Conversations over model.max_seq_length: truncate at a turn boundary (at least one full assistant turn kept) or drop."""
+    invalid: Literal["error", "drop"] = "error"
+    """A malformed conversation (unknown role, empty content, ...): stop with its file:line, or drop it and count the reason."""
+
+
+@dataclass(frozen=True)
 class Train:
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     """Training library: unsloth, hf (transformers+PEFT+TRL), or auto: unsloth on a GPU when it is
     installed, else hf (on CPU hf is the faster of the two, see BENCHMARKS.md)."""
-    objective: Literal["cpt"] = "cpt"
-    """Training objective: cpt (causal LM on packed raw text)."""
+    objective: Literal["cpt", "sft"] = "cpt"
+    """Training objective: cpt (causal LM on packed raw text) or sft (chat data, loss on assistant turns only; see `sft`)."""
+    packing: bool = False
+    """sft: pack several conversations per row without cross-attention (padding-free, position ids restart per conversation)."""
     learning_rate: float = 5e-5
     """Learning rate of the LoRA adapters."""
     embedding_learning_rate: Optional[float] = 5e-6
@@ -250,6 +276,8 @@ class Recipe:
     """Corpus and its preparation."""
     train: Train = field(default_factory=Train)
     """Training settings."""
+    sft: Sft = field(default_factory=Sft)
+    """Chat data and template (used when train.objective="sft")."""
     eval: Eval = field(default_factory=Eval)
     """Evaluation settings."""
     export: Export = field(default_factory=Export)

@@ -139,6 +139,7 @@ def check_values(r: Recipe) -> None:
     _require(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", f"must be -1 or > 0, got {t.max_steps}")
     _require(t.max_steps > 0 or t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0 when max_steps is -1")
     _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    check_sft(r)
     _require(r.eval.max_new_tokens >= 0, "eval.max_new_tokens", "must be >= 0")
     _require(r.eval.max_blocks is None or r.eval.max_blocks > 0, "eval.max_blocks", "must be > 0 or None")
     e = r.export
@@ -160,6 +161,33 @@ def check_values(r: Recipe) -> None:
             _require(q in QUANT_TYPES, f"export.{key}", f"unknown quantization {q!r}", closest_hint(q, QUANT_TYPES))
     _require(e.imatrix_tokens >= 512, "export.imatrix_tokens", f"must be >= 512, got {e.imatrix_tokens}")
     _require(e.modelfile.num_ctx is None or e.modelfile.num_ctx > 0, "export.modelfile.num_ctx", "must be > 0")
+
+
+def check_sft(r: Recipe) -> None:
+    """train.objective="sft": the sft section's names, and CPT-only fields that would be ignored."""
+    from cpt_kit.sft.templates import training_families
+
+    s = r.sft
+    choices = ("auto",) + training_families()
+    _require(s.chat_template in choices, "sft.chat_template", f"unknown chat template {s.chat_template!r}",
+             closest_hint(s.chat_template, choices))
+    for key in ("messages_field", "conversations_field", "question_field", "answer_field"):
+        _require(bool(getattr(s, key)), f"sft.{key}", "must not be empty")
+    _require(s.system_prompt is None or bool(s.system_prompt.strip()), "sft.system_prompt",
+             "is empty", "set None for no system prompt")
+    if r.train.objective != "sft":
+        _require(not r.train.packing, "train.packing", "packing of conversations needs train.objective='sft'",
+                 "CPT blocks are packed already; set train.packing=False")
+        return
+    _require(r.data.replay is None, "data.replay", "replay text is for CPT; SFT trains on chat data only",
+             "set data.replay=None")
+    _require(r.data.extend_tokenizer is None, "data.extend_tokenizer", "extend the vocabulary in the CPT run",
+             "set data.extend_tokenizer=None (the chat template's control tokens are added by the sft prepare)")
+    template = r.export.modelfile.template
+    if s.chat_template != "auto" and template not in ("auto", s.chat_template):
+        raise RecipeError(f"the Modelfile template {template!r} differs from the template the model is trained "
+                          f"with ({s.chat_template!r})", where="export.modelfile.template",
+                          hint="leave export.modelfile.template='auto' (it follows the trained tokenizer)")
 
 
 def closest_hint(word: str, options: typing.Iterable[str]) -> str:

@@ -45,6 +45,8 @@ class TrainSetup:
     """Where checkpoints go."""
     extension: Optional[dict[str, Any]] = None
     """Contents of data/tokenizer_extension.json, when the vocabulary was extended."""
+    train_embeddings: Optional[bool] = None
+    """Train embed_tokens/lm_head (default: lora.train_embeddings; SFT forces it for new chat tokens)."""
 
     @property
     def torch_dtype(self):
@@ -57,7 +59,8 @@ class TrainSetup:
 
     @property
     def modules_to_save(self) -> list[str]:
-        return list(EMBEDDING_MODULES) if self.recipe.lora.train_embeddings else []
+        train = self.recipe.lora.train_embeddings if self.train_embeddings is None else self.train_embeddings
+        return list(EMBEDDING_MODULES) if train else []
 
 
 class Backend(Protocol):
@@ -67,8 +70,9 @@ class Backend(Protocol):
         """Return (peft model ready to train, tokenizer)."""
 
     def make_trainer(self, setup: TrainSetup, model: Any, tokenizer: Any, train_dataset: Any,
-                     eval_dataset: Any, callbacks: list[Any]) -> Any:
-        """Return a transformers Trainer (subclass) with the embedding-LR parameter groups."""
+                     eval_dataset: Any, callbacks: list[Any], data_collator: Any = None) -> Any:
+        """Return a transformers Trainer (subclass) with the embedding-LR parameter groups
+        (data_collator: None for CPT blocks, else the SFT collator)."""
 
 
 def unsloth_available() -> bool:

@@ -9,6 +9,8 @@ exported file (e.g. +54 MiB at F16 for a 49k-vocabulary 135M model, +320 MiB for
 `data/tokenizer_extension.json` (written by the prepare stage) lists each added token with the
 ids it used to be split into (`init_ids`). Each new row of embed_tokens AND of lm_head starts as
 the mean of those old rows, so a new token begins as "what its pieces meant" instead of noise.
+A token with `"init": "mean"` instead (a chat template's control token, added by the SFT
+prepare) starts as the mean of all existing rows.
 This happens before LoRA is added; the evaluate and merge steps call the same function so the
 base they load matches the one training started from.
 """
@@ -29,7 +31,7 @@ def read_extension(path: Path) -> Optional[dict[str, Any]]:
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
     for i, item in enumerate(record.get("added", [])):
-        if not item.get("init_ids"):
+        if not item.get("init_ids") and item.get("init") != "mean":
             raise DataError(f"added token {item.get('token')!r} has no init_ids", where=f"{path}: added[{i}]",
                             hint="rerun the prepare stage (cpt-kit run ... --stage prepare --force)")
     return record
@@ -95,6 +97,11 @@ def extend_vocabulary(model: Any, extension: Optional[dict[str, Any]]) -> int:
     with torch.no_grad():
         for item in extension["added"]:
             new_id = int(item["id"])
+            if item.get("init") == "mean":
+                for weight in matrices:
+                    weight[new_id] = weight[:old_size].float().mean(dim=0).to(weight.dtype)
+                count += 1
+                continue
             init = torch.tensor([int(i) for i in item["init_ids"]], dtype=torch.long)
             if int(init.max()) >= old_size:
                 raise DataError(f"token {item['token']!r} is initialised from id {int(init.max())}, beyond the base "

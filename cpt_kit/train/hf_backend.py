@@ -2,8 +2,9 @@
 
 Same adapter format as the Unsloth backend: LoRA on the recipe's target modules, embed_tokens
 and lm_head as full `modules_to_save` weights (one shared matrix on a tied base), and an
-optimizer with the embeddings in their own parameter group at `train.embedding_learning_rate`. The data is already tokenized and packed:
-TRL's dataset preparation is skipped and a plain block collator feeds the model.
+optimizer with the embeddings in their own parameter group at `train.embedding_learning_rate`. The
+data is already tokenized (and, for CPT, packed): TRL's dataset preparation is skipped and a block
+collator (CPT) or TRL's own language-modeling collator (SFT, labels prepared) feeds the model.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class HFBackend:
         return model, tokenizer
 
     def make_trainer(self, setup: TrainSetup, model: Any, tokenizer: Any, train_dataset: Any,
-                     eval_dataset: Any, callbacks: list[Any]) -> Any:
+                     eval_dataset: Any, callbacks: list[Any], data_collator: Any = None) -> Any:
         from transformers import Trainer
         from trl import SFTConfig, SFTTrainer
 
@@ -78,7 +79,8 @@ class HFBackend:
         args = SFTConfig(gradient_checkpointing=False,  # enabled on the model above, once
                          **trainer_arguments(setup))
         trainer = EmbeddingLRTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                     processing_class=tokenizer, data_collator=BlockCollator(), callbacks=callbacks)
+                                     processing_class=tokenizer, data_collator=data_collator or BlockCollator(),
+                                     callbacks=callbacks)
         keep_trainable_weights_in_fp32(trainer.model)
         return trainer
 

@@ -1,4 +1,5 @@
-"""The train stage: LoRA continued pretraining on the packed blocks of data/, into adapter/.
+"""The train stage: LoRA continued pretraining on the packed blocks of data/ (or, with
+train.objective="sft", supervised fine-tuning on its conversations), into adapter/.
 
 Reads data/train, data/heldout (one column `input_ids`, fixed-length blocks), data/tokenizer/
 and, when present, data/tokenizer_extension.json. Writes checkpoints/checkpoint-N/ every
@@ -38,10 +39,16 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from cpt_kit.train.callbacks import NanGuard, TrainLog, TrainProgress, first_non_finite_parameter
     from cpt_kit.train.embeddings import read_extension, tie_record, tie_summary
     from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit, use_gradient_checkpointing
+    from cpt_kit.lineage import describe as describe_lineage, record_lineage
     from cpt_kit.model_source import load_kwargs, resolve_base
 
     recipe, run_dir, hw = ctx.recipe, ctx.run, ctx.hardware
-    train_ds, eval_ds = load_blocks(run_dir.data, recipe.model.max_seq_length)
+    chat = recipe.train.objective == "sft"
+    if chat:
+        from cpt_kit.train import chat_data
+        train_ds, eval_ds = chat_data.load_conversations(run_dir.data)
+    else:
+        train_ds, eval_ds = load_blocks(run_dir.data, recipe.model.max_seq_length)
     tokenizer_dir = run_dir.tokenizer
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise DataError(f"{tokenizer_dir} has no tokenizer", where=str(tokenizer_dir),
@@ -50,11 +57,16 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if recipe.model.load_in_4bit and not load_in_4bit and CPU_4BIT_NOTE not in ctx.notes:
         ctx.log(CPU_4BIT_NOTE)  # (`cpt-kit run` has shown it before the run already)
     precision = resolve_precision(recipe, hw)
+    extension = read_extension(run_dir.data / "tokenizer_extension.json")
+    embeddings_enabled = bool(chat and extension and extension.get("added") and not recipe.lora.train_embeddings)
+    if embeddings_enabled:
+        ctx.log("[yellow]the chat template's new tokens need trained embeddings: embed_tokens and lm_head are "
+                "trained although lora.train_embeddings=False[/yellow]")
     setup = TrainSetup(recipe=recipe, base=resolve_base(recipe.model), load_kwargs=load_kwargs(recipe.model),
                        tokenizer_dir=tokenizer_dir, device=hw.device, precision=precision,
                        load_in_4bit=load_in_4bit, optim=resolve_optim(recipe, hw.device),
                        gradient_checkpointing=use_gradient_checkpointing(recipe, hw), output_dir=run_dir.checkpoints,
-                       extension=read_extension(run_dir.data / "tokenizer_extension.json"))
+                       extension=extension, train_embeddings=recipe.lora.train_embeddings or embeddings_enabled)
     checkpoint = resume_checkpoint(run_dir.checkpoints) if ctx.resume else None
     log_path = run_dir.logs / "train.jsonl"
     if checkpoint is None:
@@ -65,17 +77,26 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     ctx.log(f"backend {backend.name} ({backend_reason}), precision {precision}, "
             f"{'4-bit' if load_in_4bit else 'unquantized'} base, optimizer {setup.optim}, gradient checkpointing "
             f"{'on' if setup.gradient_checkpointing else 'off'}, "
-            f"{len(train_ds)} train / {len(eval_ds)} held-out blocks")
+            f"{len(train_ds)} train / {len(eval_ds)} held-out {'conversations' if chat else 'blocks'}")
 
     model, tokenizer = backend.load_model(setup)
     base_config = _base_text_config(setup)
     base_vocab, tied_base = int(base_config.vocab_size), bool(getattr(base_config, "tie_word_embeddings", False))
     vocab_size = model.get_input_embeddings().weight.shape[0]
     t = recipe.train
-    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_length
+    row_tokens = recipe.model.max_seq_length
+    collate = None
+    chain = record_lineage(ctx.manifest, recipe.model)
+    if chain:
+        ctx.log(f"base lineage: {describe_lineage(chain)}")
+    model.config.use_cache = False  # training builds no KV cache (with one, packed rows would attend across)
+    if chat:
+        train_ds, collate, row_tokens = chat_data.training_inputs(model, tokenizer, train_ds, recipe, backend.name)
+    tokens_per_step = round(t.per_device_train_batch_size * t.gradient_accumulation_steps * row_tokens)
     log = TrainLog(log_path, tokens_per_step, hw.device, {id(p) for p in embedding_parameters(model)})
     trainer = backend.make_trainer(setup, model, tokenizer, train_ds, eval_ds,
-                                   [log, NanGuard(precision), TrainProgress(ctx.console, tokens_per_step), *callbacks])
+                                   [log, NanGuard(precision), TrainProgress(ctx.console, tokens_per_step), *callbacks],
+                                   collate)
     for noisy in (PrinterCallback, ProgressCallback):  # TrainProgress shows the same, on one line
         trainer.remove_callback(noisy)
     started = time.perf_counter()
@@ -97,7 +118,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         learning_rate=t.learning_rate, embedding_learning_rate=t.embedding_learning_rate,
         lora=dict(r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, use_rslora=recipe.lora.use_rslora,
                   target_modules=list(recipe.lora.target_modules), modules_to_save=setup.modules_to_save),
-        tokenizer_extended=bool(setup.extension and setup.extension.get("added")),
+        tokenizer_extended=bool(setup.extension and setup.extension.get("added")), objective=t.objective,
+        embeddings_enabled_for_chat_tokens=embeddings_enabled,
         steps=trainer.state.global_step, final_eval_loss=final_eval, **tie))
     if tied_base:
         ctx.log(f"tied embeddings: {tie_summary(tie)}; lm_head "
@@ -117,6 +139,11 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         tied_base=tied_base, embedding_tie=tie["embedding_tie"], tie=tie_summary(tie),
         headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend",
                   "backend_reason", "tie"])
+    if chat:
+        metrics.update(objective="sft", packing=t.packing, train_rows=len(train_ds),
+                       embeddings_enabled_for_chat_tokens=embeddings_enabled)
+        if embeddings_enabled:
+            metrics["headline"].append("embeddings_enabled_for_chat_tokens")
     return metrics
 
 

@@ -48,9 +48,10 @@ class UnslothBackend:
         return model, tokenizer
 
     def make_trainer(self, setup: TrainSetup, model: Any, tokenizer: Any, train_dataset: Any,
-                     eval_dataset: Any, callbacks: list[Any]) -> Any:
+                     eval_dataset: Any, callbacks: list[Any], data_collator: Any = None) -> Any:
         t = setup.recipe.train
         embedding_lr = t.embedding_learning_rate if setup.modules_to_save else None
         args = UnslothTrainingArguments(embedding_learning_rate=embedding_lr, **trainer_arguments(setup))
         return UnslothTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                              processing_class=tokenizer, data_collator=BlockCollator(), callbacks=callbacks)
+                              processing_class=tokenizer, data_collator=data_collator or BlockCollator(),
+                              callbacks=callbacks)
