@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from cpt_kit.data.sources import ReadOptions, ReplacementCounter, Source, _pick_split, decode_bytes
+from cpt_kit.data.sources import ReadOptions, Source, _pick_split
+from cpt_kit.data.text_files import ReplacementCounter, Utf8Decoder
 from cpt_kit.errors import DataError
 from cpt_kit.recipe import Sft
 
@@ -53,11 +54,11 @@ def read_rows(source: Source, options: ReadOptions) -> Iterator[tuple[dict, str]
 
 def _jsonl_rows(source: Source, options: ReadOptions) -> Iterator[tuple[dict, str]]:
     path = source.location
-    counter = ReplacementCounter()
+    decoder = Utf8Decoder(path, options.encoding_errors, ReplacementCounter())
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
-            line = decode_bytes(raw, where, options.encoding_errors, counter)
+            line = decoder.decode(raw, True)
             if not line.strip():
                 continue
             try:
