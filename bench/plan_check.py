@@ -36,9 +36,10 @@ def measure(run: dict, work: Path, steps: int) -> float:
     if not (model / "config.json").is_file():
         subprocess.run([sys.executable, str(REPO / "bench" / "make_random_model.py"), str(model), "--shape", run["shape"]],
                        check=True, capture_output=True)
-    cmd = [sys.executable, str(REPO / "bench" / "train.py"), "--worker", run["backend"], "--work", str(work / "w"),
-           "--model", str(model), "--seq-len", str(run["seq"]), "--steps", str(steps), "--batch-size", str(run["batch"]),
-           "--r", str(run["r"]), "--load-in-4bit"] + (["--gradient-checkpointing"] if run["gc"] else [])
+    worker = run["backend"] + ("+gc" if run["gc"] else "")
+    cmd = [sys.executable, str(REPO / "bench" / "train.py"), "--worker", worker, "--work", str(work / "w"),
+           "--model", str(model), "--seq-len", str(run["seq"]), "--steps", str(steps), "--warmup", "1",
+           "--batch-size", str(run["batch"]), "--r", str(run["r"]), "--load-in-4bit"]
     env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -47,7 +48,7 @@ def measure(run: dict, work: Path, steps: int) -> float:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{run} failed (exit {proc.returncode})")
     subprocess.run(["rm", "-rf", str(work / "w")], check=False)
-    return json.loads(lines[-1][len("RESULT "):])["peak_memory_mb"]
+    return json.loads(lines[-1][len("RESULT "):])["memory_mb"]
 
 
 def estimate_mib(run: dict, cuda: bool) -> tuple[float, float]:

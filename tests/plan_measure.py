@@ -14,7 +14,7 @@ model = work / "model"
 subprocess.run([sys.executable, str(REPO / "bench" / "make_random_model.py"), str(model), "--shape", "cpu-32k"],
                check=True, capture_output=True)
 out = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--worker", "hf", "--work", str(work),
-                      "--model", str(model), "--seq-len", str(SEQ), "--steps", "3", "--batch-size", str(BATCH),
-                      "--r", "16"], check=True, capture_output=True, text=True).stdout
+                      "--model", str(model), "--seq-len", str(SEQ), "--steps", "3", "--warmup", "1",
+                      "--batch-size", str(BATCH), "--r", "16"], check=True, capture_output=True, text=True).stdout
 result = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
-print(json.dumps({"model": str(model), "seq": SEQ, "batch": BATCH, "peak_gib": result["peak_memory_mb"] / 1024}))
+print(json.dumps({"model": str(model), "seq": SEQ, "batch": BATCH, "peak_gib": result["memory_mb"] / 1024}))
