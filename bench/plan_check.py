@@ -72,6 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--only", help="comma-separated indices of the configurations to run (default: all)")
     p.add_argument("--out", help="append the table to this Markdown file")
     args = p.parse_args()
     import torch
@@ -81,7 +82,8 @@ def main() -> None:
     rows = ["| model shape | backend | seq x batch | r | grad. ckpt | measured MiB | estimated MiB | error |",
             "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="cpt-plan-check-") as tmp:
-        for run in GPU_RUNS if cuda else CPU_RUNS:
+        runs = GPU_RUNS if cuda else CPU_RUNS
+        for run in [runs[int(i)] for i in args.only.split(",")] if args.only else runs:
             measured = measure(run, Path(tmp), args.steps)
             peak, needed = estimate_mib(run, cuda)
             compared = peak if cuda else needed  # CUDA max allocated vs live tensors; RSS vs the whole process
