@@ -97,6 +97,7 @@ def main() -> None:
 def run(recipe, overrides, until, only, dry_run, output_dir, force):
     """Run RECIPE (a .py file defining RECIPE) through prepare -> train -> evaluate -> export."""
     from cpt_kit.hardware import check_recipe_against_hardware, detect
+    from cpt_kit.model_source import check_base
     from cpt_kit.manifest import Manifest
     from cpt_kit.pipeline import default_run_dir, make_plan, run_pipeline
     from cpt_kit.plan import describe_plan
@@ -106,13 +107,14 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
         raise click.UsageError("use either --until or --stage, not both")
     console = _console()
     resolved = _load(recipe, overrides)
+    check_base(resolved.model)  # before a run directory exists
     hardware = detect()
     notes = check_recipe_against_hardware(resolved, hardware)
     run_dir = default_run_dir(resolved, output_dir)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+    refuse_foreign_dir(run_dir)  # before any work, whatever the flags
     if dry_run:
-        refuse_foreign_dir(run_dir)
         manifest = Manifest.load(run_dir.manifest)
         plan = make_plan(resolved, run_dir, manifest, console, until, only, force)
         console.print(f"recipe {resolved.name!r} is valid; run directory {run_dir.root}")
@@ -169,6 +171,7 @@ def show(recipe, overrides, docs):
 def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
     """Merge -> GGUF -> Modelfile -> verify for an existing RUN_DIR, or for --adapter DIR --base BASE."""
     from cpt_kit.export.from_adapter import prepare_adapter_run, recipe_for_adapter, recipe_of_run
+    from cpt_kit.model_source import check_base
     from cpt_kit.pipeline import default_run_dir, run_pipeline
     from cpt_kit.run_lock import run_lock
     from cpt_kit.rundir import RunDir, refuse_foreign_dir
@@ -184,6 +187,7 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
     else:
         resolved = recipe_for_adapter(Path(adapter), base, name or Path(adapter).resolve().name, overrides)
         run = default_run_dir(resolved, output_dir)
+    check_base(resolved.model)  # before a run directory exists
 
     def export_run():
         refuse_foreign_dir(run)
