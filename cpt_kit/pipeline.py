@@ -11,6 +11,7 @@ hash); see docs/stage-contracts.md.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import time
@@ -182,12 +183,17 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> 
     started = time.perf_counter()
     try:
         metrics = importlib.import_module(stage.module).run(ctx)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            _record_crash(stage, ctx, exc, started)
+            raise
+        full = CptKitError(f"the disk is full: {stage.name} could not write {exc.filename or 'its outputs'}",
+                           where=str(run.root), hint="free some space and run the same command again (finished "
+                                                     "stages are kept; this stage's earlier outputs were not touched)")
+        manifest.fail(stage.name, full.render(), time.perf_counter() - started)
+        raise full from None
     except BaseException as exc:
-        message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
-        manifest.fail(stage.name, message, time.perf_counter() - started)
-        if not isinstance(exc, CptKitError):
-            atomic_write_text(run.logs / "error.log", traceback.format_exc())
-            exc.error_log = run.logs / "error.log"  # the CLI names it
+        _record_crash(stage, ctx, exc, started)
         raise
     written = sorted(rel for rel, key in stat_keys(run.root, stage.outputs).items() if before.get(rel) != key)
     if stage.outputs and not written:
@@ -200,6 +206,15 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> 
             ctx.log(f"removed {rel} (written by an earlier run of {stage.name}, not by this one)")
     outputs = {rel: file_record(run.root / rel) for rel in written}
     manifest.finish(stage.name, metrics or {}, time.perf_counter() - started, outputs)
+
+
+def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: float) -> None:
+    """A failed stage: its error in the manifest; for a bug (not a CptKitError) the traceback in logs/error.log."""
+    message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
+    ctx.manifest.fail(stage.name, message, time.perf_counter() - started)
+    if not isinstance(exc, CptKitError):
+        atomic_write_text(ctx.run.logs / "error.log", traceback.format_exc())
+        exc.error_log = ctx.run.logs / "error.log"  # the CLI names it
 
 
 def unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> list[str]:
