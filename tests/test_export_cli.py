@@ -75,6 +75,7 @@ def test_export_usage_errors(adapter_dir, tmp_path):
     (busy / "something.txt").write_text("x")
     result = invoke("export", "--adapter", adapter_dir, "--output-dir", busy)
     assert result.exit_code == 2 and "not a cpt-kit run" in result.output
+    assert [p.name for p in busy.iterdir()] == ["something.txt"]  # nothing written, not even a lock
 
 
 def test_recipe_for_adapter_reads_adapter_config(adapter_dir):

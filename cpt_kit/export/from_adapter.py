@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 from cpt_kit.errors import CptKitError
 from cpt_kit.manifest import Manifest
 from cpt_kit.recipe import Lora, Model, Recipe, Train, apply_overrides, recipe_from_dict
-from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json, refuse_foreign_dir
+from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json
 
 
 
@@ -54,9 +54,9 @@ def _same_files(source: Path, copy: Path) -> bool:
 
 
 def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir) -> None:
-    """Copy the adapter into the run and record the earlier stages as external (idempotent)."""
+    """Copy the adapter into the run and record the earlier stages as external (idempotent). The caller
+    has checked that `run` is a run directory (or new) and holds its lock."""
     adapter_dir = Path(adapter_dir).resolve()
-    refuse_foreign_dir(run)
     if run.adapter.resolve() != adapter_dir and not _same_files(adapter_dir, run.adapter):
         with atomic_path(run.adapter) as tmp:
             shutil.copytree(adapter_dir, tmp)
