@@ -68,6 +68,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             f"{'on' if setup.gradient_checkpointing else 'off'}, "
             f"{len(train_ds)} train / {len(eval_ds)} held-out blocks")
 
+    from transformers import set_seed
+    set_seed(recipe.train.seed)  # before LoRA's random init: the same seed gives the same adapter
     model, tokenizer = backend.load_model(setup)
     base_config = _base_text_config(setup)
     base_vocab, tied_base = int(base_config.vocab_size), bool(getattr(base_config, "tie_word_embeddings", False))
