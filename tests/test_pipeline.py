@@ -185,6 +185,7 @@ def test_eval_only_change_redoes_evaluate_and_nothing_else(tmp_path, stand_in_st
     pipeline.run_pipeline(recipe(), run, quiet_console())
     changed = apply_overrides(recipe(), ["eval.prompts=La kato"])
     plan = pipeline.make_plan(changed, run, Manifest.load(run.manifest), quiet_console())
+    # the report reads eval/: it runs after evaluate (and only because evaluate's outputs changed)
     assert [s.stage.name for s in plan.steps if s.action == "run"] == ["evaluate", "report"]
     assert plan.conflicts == ["evaluate"] and "recipe changed: eval.prompts" in plan.steps[2].reasons
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
