@@ -55,6 +55,7 @@ def test_train_setup_repr_never_shows_the_hub_token(tmp_path):
     setup = TrainSetup(recipe=Recipe(name="t", model=Model(base="m")), base="m",
                        load_kwargs={"token": "hf_SECRETtokenVALUE", "trust_remote_code": False},
                        tokenizer_dir=tmp_path, device="cpu", precision="fp32", load_in_4bit=False, optim="adamw_torch",
+                       gradient_checkpointing=False,
                        output_dir=tmp_path)
     assert "hf_SECRET" not in repr(setup) and "hf_SECRET" not in str(setup)
     assert setup.load_kwargs["token"] == "hf_SECRETtokenVALUE"
