@@ -128,12 +128,16 @@ def atomic_entries(final_dir: Path) -> Iterator[Path]:
     """Yield an empty temporary directory; on success rename each entry written there into
     `final_dir`, replacing entries of the same name and leaving the others (e.g. a user's) as they are."""
     final_dir = Path(final_dir)
-    with atomic_path(final_dir.parent / f"{final_dir.name}-new") as tmp:
-        tmp.mkdir()
+    tmp = final_dir.parent / f".{final_dir.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
         yield tmp
         final_dir.mkdir(exist_ok=True)
         for entry in sorted(tmp.iterdir()):
             _replace(entry, final_dir / entry.name)
+    finally:
+        _remove(tmp)
 
 
 def _replace(new: Path, final: Path) -> None:

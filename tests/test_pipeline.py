@@ -306,3 +306,24 @@ def test_unfinished_files_of_dead_processes_are_removed_at_start(tmp_path, stand
     alive.write_text("another process is writing this")
     pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
     assert [p for p in leftovers if p.exists()] == [] and alive.exists()
+
+
+def test_atomic_entries_replaces_its_entries_only(tmp_path):
+    from cpt_kit.rundir import atomic_entries
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "old.arrow").write_text("old")
+    (data / "mine.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        with atomic_entries(data) as tmp:
+            (tmp / "train").mkdir()
+            raise RuntimeError("killed")
+    assert (data / "train" / "old.arrow").read_text() == "old"
+    with atomic_entries(data) as tmp:
+        (tmp / "train").mkdir()
+        (tmp / "train" / "new.arrow").write_text("new")
+        (tmp / "stats.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert sorted(p.name for p in data.iterdir()) == ["mine.txt", "stats.json", "train"]
+    assert [p.name for p in (data / "train").iterdir()] == ["new.arrow"]
