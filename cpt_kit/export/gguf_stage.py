@@ -43,7 +43,7 @@ def _imatrix(ctx, reference: Path, quants: list[str]) -> dict | None:
     from transformers import AutoTokenizer
 
     from cpt_kit.export.imatrix import CHUNK_TOKENS, compute_imatrix, write_training_text
-    from cpt_kit.export.modelfile_stage import tokenizer_dir
+    from cpt_kit.run_files import tokenizer_dir
 
     blocks = load_from_disk(str(run_dir.data / "train"))["input_ids"]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir))
