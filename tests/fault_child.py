@@ -61,8 +61,8 @@ def install(point: str) -> None:
     if point == "none":
         return
     if point == "tokenize":
-        import cpt_kit.data.prepare as prepare
-        after(prepare, "tokenize_documents")
+        import cpt_kit.data.tokenize as tokenize
+        after(tokenize, "encode_texts")  # the first batch of the corpus is tokenized
     elif point == "train_step_10":
         from transformers import TrainerCallback
 
@@ -86,8 +86,8 @@ def install(point: str) -> None:
                 die()
         Trainer._save_optimizer_and_scheduler = save_then_cut_off
     elif point == "evaluate":
-        import cpt_kit.evaluate as evaluate
-        after(evaluate, "perplexity", calls=2)  # the base is scored, the trained model not yet
+        import cpt_kit.perplexity as perplexity
+        after(perplexity, "hf_scores", calls=2)  # the base is scored, the trained model not yet
     elif point == "merge":
         import cpt_kit.export.safetensors_io as safetensors_io
         after(safetensors_io, "write_safetensors")  # a merged shard is written, merged/ not renamed yet
@@ -98,8 +98,8 @@ def install(point: str) -> None:
         import cpt_kit.export.modelfile_stage as modelfile_stage
         after(modelfile_stage, "atomic_write_text")
     elif point == "verify":
-        import cpt_kit.export.verify as verify
-        after(verify, "gguf_perplexity")
+        import cpt_kit.perplexity as perplexity
+        after(perplexity, "gguf_scores")  # the first GGUF is scored
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 
