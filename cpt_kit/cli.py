@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,10 +44,40 @@ class _Group(click.Group):
             sys.exit(2)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
-        except Exception as exc:  # a bug, not bad input: short message, full traceback in the run's log
+        except Exception as exc:  # a bug, not bad input: short message, full traceback in a log file
             click.echo(click.style("internal error: ", fg="red", bold=True) + f"{type(exc).__name__}: {exc}\n"
-                       "  -> the full traceback is in the run's logs/error.log; please report it", err=True)
+                       f"  -> the full traceback is in {_traceback_file(exc)}; please report it", err=True)
             sys.exit(1)
+
+
+def _traceback_file(exc: BaseException) -> str:
+    """The run's logs/error.log when the pipeline wrote one for `exc`, else a new temporary file."""
+    import tempfile
+    import traceback
+
+    if getattr(exc, "error_log", None):
+        return str(exc.error_log)
+    fd, path = tempfile.mkstemp(prefix="cpt-kit-error-", suffix=".log")
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write("".join(traceback.format_exception(exc)))
+    return path
+
+
+def _run_and_report(console, run, call) -> None:
+    """Run `call()` (the pipeline) and print the summary; a failure is printed first, and the summary
+    of a failed run offers no next step."""
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.summary import print_summary
+
+    try:
+        manifest = call()
+    except CptKitError as exc:
+        click.echo(click.style("error: ", fg="red", bold=True) + exc.render(), err=True)
+        with contextlib.suppress(CptKitError):  # an unreadable manifest: the error above says so
+            if run.manifest.exists():
+                print_summary(console, run, Manifest.load(run.manifest), failed=True)
+        sys.exit(2)
+    print_summary(console, run, manifest)
 
 
 @click.group(cls=_Group)
@@ -66,19 +97,23 @@ def main() -> None:
 def run(recipe, overrides, until, only, dry_run, output_dir, force):
     """Run RECIPE (a .py file defining RECIPE) through prepare -> train -> evaluate -> export."""
     from cpt_kit.hardware import check_recipe_against_hardware, detect
+    from cpt_kit.model_source import check_base
     from cpt_kit.manifest import Manifest
-    from cpt_kit.pipeline import default_run_dir, describe_plan, make_plan, run_pipeline
-    from cpt_kit.summary import print_summary
+    from cpt_kit.pipeline import default_run_dir, make_plan, run_pipeline
+    from cpt_kit.plan import describe_plan
+    from cpt_kit.rundir import refuse_foreign_dir
 
     if until and only:
         raise click.UsageError("use either --until or --stage, not both")
     console = _console()
     resolved = _load(recipe, overrides)
+    check_base(resolved.model)  # before a run directory exists
     hardware = detect()
     notes = check_recipe_against_hardware(resolved, hardware)
     run_dir = default_run_dir(resolved, output_dir)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+    refuse_foreign_dir(run_dir)  # before any work, whatever the flags
     if dry_run:
         manifest = Manifest.load(run_dir.manifest)
         plan = make_plan(resolved, run_dir, manifest, console, until, only, force)
@@ -91,13 +126,8 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
     from cpt_kit.train.backend import preload
     _quiet_library_loggers()
     preload(resolved.train.backend, hardware.device)  # Unsloth must patch transformers before anything imports it
-    try:
-        manifest = run_pipeline(resolved, run_dir, console, until=until, only=only, force=force, notes=notes)
-    except CptKitError:
-        if run_dir.manifest.exists():
-            print_summary(console, run_dir, Manifest.load(run_dir.manifest))
-        raise
-    print_summary(console, run_dir, manifest)
+    _run_and_report(console, run_dir, lambda: run_pipeline(resolved, run_dir, console, until=until, only=only,
+                                                           force=force, notes=notes))
 
 
 @main.command()
@@ -141,10 +171,10 @@ def show(recipe, overrides, docs):
 def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
     """Merge -> GGUF -> Modelfile -> verify for an existing RUN_DIR, or for --adapter DIR --base BASE."""
     from cpt_kit.export.from_adapter import prepare_adapter_run, recipe_for_adapter, recipe_of_run
-    from cpt_kit.manifest import Manifest
+    from cpt_kit.model_source import check_base
     from cpt_kit.pipeline import default_run_dir, run_pipeline
-    from cpt_kit.rundir import RunDir
-    from cpt_kit.summary import print_summary
+    from cpt_kit.run_lock import run_lock
+    from cpt_kit.rundir import RunDir, refuse_foreign_dir
 
     if bool(run_dir) == bool(adapter):
         raise click.UsageError("give either RUN_DIR or --adapter DIR (with --base)")
@@ -157,14 +187,16 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
     else:
         resolved = recipe_for_adapter(Path(adapter), base, name or Path(adapter).resolve().name, overrides)
         run = default_run_dir(resolved, output_dir)
-        prepare_adapter_run(Path(adapter), resolved, run)
-    try:
-        manifest = run_pipeline(resolved, run, console, until=until, force=force, start="merge")
-    except CptKitError:
-        if run.manifest.exists():
-            print_summary(console, run, Manifest.load(run.manifest))
-        raise
-    print_summary(console, run, manifest)
+    check_base(resolved.model)  # before a run directory exists
+
+    def export_run():
+        refuse_foreign_dir(run)
+        with run_lock(run.root, log=lambda text: console.print(f"[yellow]{text}[/yellow]")):
+            if adapter:  # the adapter is copied in under the lock: no other run sees it half-copied
+                prepare_adapter_run(Path(adapter), resolved, run)
+            return run_pipeline(resolved, run, console, until=until, force=force, start="merge")
+
+    _run_and_report(console, run, export_run)
 
 
 @main.command()

@@ -66,8 +66,7 @@ def run(ctx) -> dict[str, Any]:
 
     from cpt_kit.model_source import load_kwargs
     from cpt_kit.perplexity import FEW_BLOCKS, describe, describe_change, hf_scores, paired_change
-    from cpt_kit.train.embeddings import read_extension
-    from cpt_kit.train.stage import read_train_info
+    from cpt_kit.run_files import read_extension, read_train_info
 
     recipe, run_dir = ctx.recipe, ctx.run
     info = read_train_info(run_dir.adapter)

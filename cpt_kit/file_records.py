@@ -19,8 +19,8 @@ FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed whole."""
 BLOCK = 2**20
 """Bytes read at each sampled position of a bigger file."""
-TEMPORARY = re.compile(r"^\..+\.(partial-\d+|tmp)$")
-"""Names of unfinished atomic writes (rundir.atomic_path / atomic_write_text): never part of a record."""
+TEMPORARY = re.compile(r"^\..+\.((partial|replaced)-(?P<pid>\d+)|tmp)$")
+"""Names of unfinished atomic writes (rundir.atomic_path, atomic_write_text): never part of a record."""
 
 def file_record(path: Path) -> dict:
     """The record of one file."""

@@ -76,8 +76,10 @@ class Manifest:
         """Mark `name` running with its fingerprint and basis; the outputs its last finished run
         recorded are kept until it finishes again."""
         previous = self.stage(name)
+        unfinished = previous.get("status") in ("running", "failed")
         entry = {"status": "running", "fingerprint": fp, "started": _now(), "attempts": previous.get("attempts", 0) + 1,
-                 "basis": basis}
+                 "basis": basis,
+                 "unfinished_since": previous.get("unfinished_since", time.time()) if unfinished else time.time()}
         if "outputs" in previous:
             entry["outputs"] = previous["outputs"]
         self.data["stages"][name] = entry
@@ -86,6 +88,7 @@ class Manifest:
     def finish(self, name: str, metrics: dict[str, Any], seconds: float, outputs: dict[str, dict]) -> None:
         entry = self.data["stages"][name]
         entry.update(status="done", finished=_now(), seconds=round(seconds, 2), metrics=metrics, outputs=outputs)
+        entry.pop("unfinished_since", None)
         entry.pop("error", None)
         self.save()
 

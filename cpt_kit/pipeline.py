@@ -11,7 +11,9 @@ hash); see docs/stage-contracts.md.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from cpt_kit.errors import CptKitError
-from cpt_kit.file_records import file_record, stat_keys
+from cpt_kit.file_records import file_record, files_under, stat_keys
 from cpt_kit.manifest import Manifest, library_versions
-from cpt_kit.plan import assess, dependents, providers, upstream
+from cpt_kit.plan import Plan, assess, dependents, plan_stages
 from cpt_kit.recipe import Recipe
-from cpt_kit.rundir import RunDir, atomic_write_text
+from cpt_kit.rundir import RunDir, atomic_write_text, refuse_foreign_dir, remove_stale_partials
+from cpt_kit.run_lock import run_lock
 
 
 @dataclass(frozen=True)
@@ -109,53 +112,12 @@ def select(until: str | None, only: str | None, start: str | None = None) -> tup
     return STAGE_TABLE[begin:end]
 
 
-@dataclass
-class Step:
-    stage: Stage
-    action: str
-    """"run" or "skip"."""
-    reasons: list[str]
-    """Why it runs (empty when skipped)."""
-    needs_force: bool
-    """It redoes finished work because the recipe (or a file outside the run it reads) changed."""
-
-
-@dataclass
-class Plan:
-    """What `run` will do: each selected stage, whether it runs, and why."""
-
-    steps: list[Step]
-
-    @property
-    def conflicts(self) -> list[str]:
-        return [s.stage.name for s in self.steps if s.needs_force]
-
-
 def make_plan(recipe: Recipe, run: RunDir, manifest: Manifest, console: Any,
               until: str | None = None, only: str | None = None, force: bool = False,
               start: str | None = None) -> Plan:
-    ctx = StageContext(recipe, run, manifest, console)
-    steps: list[Step] = []
-    running: set[str] = set()
-    for stage in select(until, only, start):
-        found = assess(stage, ctx)
-        reasons = list(found.reasons)
-        after = [p.name for p in providers(stage, STAGE_TABLE) if p.name in running]
-        if after and not reasons:
-            reasons.append(f"after {', '.join(after)}, if that changes what it reads")
-        if only and force and not reasons:
-            reasons.append("--stage with --force")
-        if reasons:
-            running.add(stage.name)
-        steps.append(Step(stage, "run" if reasons else "skip", reasons, found.recipe_changed and not force))
-    if only:
-        for needed in upstream(STAGE_TABLE[STAGES.index(only)], STAGE_TABLE):
-            missing = assess(needed, ctx).reasons
-            if missing:
-                raise CptKitError(f"stage {only!r} needs {needed.name!r}, which is not done for this recipe "
-                                  f"({'; '.join(missing)})", where=str(run.root),
-                                  hint=f"run with --until {only} instead of --stage {only}")
-    return Plan(steps)
+    """Which of the selected stages run and why (see cpt_kit.plan)."""
+    return plan_stages(StageContext(recipe, run, manifest, console), STAGE_TABLE, select(until, only, start),
+                       only, force)
 
 
 def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, force: bool) -> None:
@@ -163,13 +125,10 @@ def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, f
     if force:
         return
     root = run.root
-    if root.exists() and any(root.iterdir()) and not run.manifest.exists():
-        raise CptKitError(f"{root} exists, is not empty and is not a cpt-kit run", where=str(root),
-                          hint="choose another --output-dir, or pass --force to write into it")
     old_name = manifest.data.get("recipe", {}).get("name")
     if old_name and old_name != recipe.name:
         raise CptKitError(f"{root} holds the run of recipe {old_name!r}, not {recipe.name!r}", where=str(root),
-                          hint="choose another --output-dir, or pass --force to overwrite it")
+                          hint="choose another --output-dir, or pass --force to redo its stages for this recipe")
     if plan.conflicts:
         why = "; ".join(f"{s.stage.name}: {', '.join(s.reasons)}" for s in plan.steps if s.needs_force)
         raise CptKitError(f"finished stages would be redone ({why})", where=str(root),
@@ -179,58 +138,95 @@ def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, f
 def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None = None,
                  only: str | None = None, force: bool = False, notes: list[str] | None = None,
                  start: str | None = None) -> Manifest:
-    """Execute the planned stages (from `start`, e.g. "merge" for `cpt-kit export`); returns the manifest."""
-    manifest = Manifest.load(run.manifest)
-    plan = make_plan(recipe, run, manifest, console, until, only, force, start)
-    check_run_dir(recipe, run, manifest, plan, force)
-    run.root.mkdir(parents=True, exist_ok=True)
-    manifest.data.update(recipe=recipe.to_dict(), versions=library_versions(), notes=list(notes or []))
-    manifest.save()
-    for step in plan.steps:
-        stage = step.stage
-        ctx = StageContext(recipe, run, manifest, console, notes=list(notes or []))
-        found = assess(stage, ctx)  # again: a stage that ran just now may have rewritten its inputs
-        fp = found.basis.fingerprint
-        if not found.reasons and not (only and force):
-            console.print(f"[dim]- {stage.name}: done already (fingerprint {fp}), skipped[/dim]")
-            continue
-        previous = manifest.stage(stage.name)
-        ctx.fingerprint = fp
-        ctx.resume = previous.get("fingerprint") == fp and previous.get("status") in ("running", "failed")
-        console.rule(f"[bold]{stage.name}")
-        if found.reasons:
-            console.print(f"[dim]  runs because: {'; '.join(found.reasons)}[/dim]")
-        _run_stage(stage, ctx, found.basis.to_json(), previous.get("outputs", {}))
-        _mark_dependents_stale(manifest, stage, {s.stage.name for s in plan.steps})
+    """Execute the planned stages (from `start`, e.g. "merge" for `cpt-kit export`) holding the run's
+    lock; returns the manifest. A directory that is not a cpt-kit run is refused, whatever the flags."""
+    refuse_foreign_dir(run)
+    with run_lock(run.root, log=lambda text: console.print(f"[yellow]{text}[/yellow]")):
+        manifest = Manifest.load(run.manifest)
+        plan = make_plan(recipe, run, manifest, console, until, only, force, start)
+        check_run_dir(recipe, run, manifest, plan, force)
+        removed = remove_stale_partials(run.root)
+        if removed:
+            console.print(f"[dim]removed unfinished files of an interrupted run: {', '.join(removed)}[/dim]")
+        manifest.data.update(recipe=recipe.to_dict(), versions=library_versions(), notes=list(notes or []))
+        manifest.save()
+        for step in plan.steps:
+            stage = step.stage
+            ctx = StageContext(recipe, run, manifest, console, notes=list(notes or []))
+            found = assess(stage, ctx)  # again: a stage that ran just now may have rewritten its inputs
+            fp = found.basis.fingerprint
+            if not found.reasons and not (only and force):
+                console.print(f"[dim]- {stage.name}: done already (fingerprint {fp}), skipped[/dim]")
+                continue
+            previous = manifest.stage(stage.name)
+            ctx.fingerprint = fp
+            ctx.resume = previous.get("fingerprint") == fp and previous.get("status") in ("running", "failed")
+            console.rule(f"[bold]{stage.name}")
+            if found.reasons:
+                console.print(f"[dim]  runs because: {'; '.join(found.reasons)}[/dim]")
+            _run_stage(stage, ctx, found.basis.to_json(), previous)
+            _mark_dependents_stale(manifest, stage, {s.stage.name for s in plan.steps})
     return manifest
 
 
-def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous_outputs: dict) -> None:
+def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> None:
     """Run one stage; on success record the files it wrote under its outputs (and remove the files an
     earlier run of it recorded that it did not write again, when they are still as recorded)."""
     run, manifest = ctx.run, ctx.manifest
+    unrecorded = unrecorded_outputs(stage, previous, run.root)
+    if unrecorded:
+        raise CptKitError(f"stage {stage.name!r} would replace files this run did not write: "
+                          f"{', '.join(unrecorded[:5])}" + (f" (+{len(unrecorded) - 5} more)" if len(unrecorded) > 5 else ""),
+                          where=str(run.root), hint=f"move them out of {', '.join(stage.outputs)} (those paths hold "
+                                                    "what cpt-kit writes), then run again")
     manifest.start(stage.name, ctx.fingerprint, basis)
     before = stat_keys(run.root, stage.outputs)
     started = time.perf_counter()
     try:
         metrics = importlib.import_module(stage.module).run(ctx)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            _record_crash(stage, ctx, exc, started)
+            raise
+        full = CptKitError(f"the disk is full: {stage.name} could not write {exc.filename or 'its outputs'}",
+                           where=str(run.root), hint="free some space and run the same command again (finished "
+                                                     "stages are kept; this stage's earlier outputs were not touched)")
+        manifest.fail(stage.name, full.render(), time.perf_counter() - started)
+        raise full from None
     except BaseException as exc:
-        message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
-        manifest.fail(stage.name, message, time.perf_counter() - started)
-        if not isinstance(exc, CptKitError):
-            atomic_write_text(run.logs / "error.log", traceback.format_exc())
+        _record_crash(stage, ctx, exc, started)
         raise
     written = sorted(rel for rel, key in stat_keys(run.root, stage.outputs).items() if before.get(rel) != key)
     if stage.outputs and not written:
         raise CptKitError(f"stage {stage.name!r} finished without writing any of {', '.join(stage.outputs)}",
                           where=stage.module, hint="this is a bug in the stage; please report it")
-    for rel, record in previous_outputs.items():
+    for rel, record in previous.get("outputs", {}).items():
         path = run.root / rel
         if rel not in written and path.is_file() and file_record(path) == record:
             path.unlink()
             ctx.log(f"removed {rel} (written by an earlier run of {stage.name}, not by this one)")
     outputs = {rel: file_record(run.root / rel) for rel in written}
     manifest.finish(stage.name, metrics or {}, time.perf_counter() - started, outputs)
+
+
+def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: float) -> None:
+    """A failed stage: its error in the manifest; for a bug (not a CptKitError) the traceback in logs/error.log."""
+    message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
+    ctx.manifest.fail(stage.name, message, time.perf_counter() - started)
+    if not isinstance(exc, CptKitError):
+        atomic_write_text(ctx.run.logs / "error.log", traceback.format_exc())
+        exc.error_log = ctx.run.logs / "error.log"  # the CLI names it
+
+
+def unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> list[str]:
+    """Files under the stage's output paths that this run did not write (the stage could replace them):
+    neither recorded when it last finished nor written by its unfinished attempts since then."""
+    if entry.get("status") in ("done", "stale") and "outputs" not in entry:
+        return []  # finished under a cpt-kit that did not record outputs
+    recorded = entry.get("outputs", {})
+    since = entry.get("unfinished_since", float("inf")) - 1.0
+    return [rel for rel in files_under(root, stage.outputs)
+            if rel not in recorded and os.stat(root / rel).st_ctime < since]
 
 
 def _mark_dependents_stale(manifest: Manifest, stage: Stage, planned: set[str]) -> None:
@@ -245,11 +241,6 @@ def _mark_dependents_stale(manifest: Manifest, stage: Stage, planned: set[str]) 
             changed = True
     if changed:
         manifest.save()
-
-
-def describe_plan(plan: Plan) -> list[str]:
-    return [f"{step.action:<4} {step.stage.name:<10} " + ("; ".join(step.reasons) if step.reasons else "done, outputs intact")
-            for step in plan.steps]
 
 
 def default_run_dir(recipe: Recipe, output_dir: str | Path | None) -> RunDir:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from cpt_kit.errors import CptKitError
 from cpt_kit.file_records import problems, records
 from cpt_kit.manifest import fingerprint
 
@@ -137,3 +138,56 @@ def upstream(stage, table) -> list:
 def dependents(stage, table) -> list:
     """Every later stage that depends on this one."""
     return [s for s in table if stage.name in {u.name for u in upstream(s, table)}]
+
+
+@dataclass
+class Step:
+    stage: Any
+    action: str
+    """"run" or "skip"."""
+    reasons: list[str]
+    """Why it runs (empty when skipped)."""
+    needs_force: bool
+    """It redoes finished work because the recipe (or a file outside the run it reads) changed."""
+
+
+@dataclass
+class Plan:
+    """What `run` will do: each selected stage, whether it runs, and why."""
+
+    steps: list[Step]
+
+    @property
+    def conflicts(self) -> list[str]:
+        return [s.stage.name for s in self.steps if s.needs_force]
+
+
+def plan_stages(ctx, table, selected, only: str | None, force: bool) -> Plan:
+    """Assess the `selected` stages of `table` in order; a stage after one that runs runs too (it is
+    re-checked right before its turn: if its inputs came out the same, it is skipped then)."""
+    steps: list[Step] = []
+    running: set[str] = set()
+    for stage in selected:
+        found = assess(stage, ctx)
+        reasons = list(found.reasons)
+        after = [p.name for p in providers(stage, table) if p.name in running]
+        if after and not reasons:
+            reasons.append(f"after {', '.join(after)}, if that changes what it reads")
+        if only and force and not reasons:
+            reasons.append("--stage with --force")
+        if reasons:
+            running.add(stage.name)
+        steps.append(Step(stage, "run" if reasons else "skip", reasons, found.recipe_changed and not force))
+    if only:
+        for needed in upstream(selected[0], table):
+            missing = assess(needed, ctx).reasons
+            if missing:
+                raise CptKitError(f"stage {only!r} needs {needed.name!r}, which is not done for this recipe "
+                                  f"({'; '.join(missing)})", where=str(ctx.run.root),
+                                  hint=f"run with --until {only} instead of --stage {only}")
+    return Plan(steps)
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    return [f"{step.action:<4} {step.stage.name:<10} " + ("; ".join(step.reasons) if step.reasons else "done, outputs intact")
+            for step in plan.steps]

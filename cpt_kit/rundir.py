@@ -68,6 +68,20 @@ class RunDir:
         return self.data / "tokenizer"
 
 
+def refuse_foreign_dir(run: RunDir) -> None:
+    """A directory that exists, holds anything and is not a cpt-kit run is never written into."""
+    from cpt_kit.errors import CptKitError
+    from cpt_kit.run_lock import LOCK_NAME
+
+    root = run.root
+    if root.exists() and not root.is_dir():
+        raise CptKitError(f"{root} is a file, not a run directory", where=str(root), hint="choose another --output-dir")
+    if root.is_dir() and not run.manifest.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
+        raise CptKitError(f"{root} exists, is not empty and is not a cpt-kit run (no manifest.json)", where=str(root),
+                          hint="choose a new or empty --output-dir: cpt-kit never writes into a directory "
+                               "it did not create, whatever the flags")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file next to `path`, then rename it into place."""
     path = Path(path)
@@ -103,11 +117,64 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to {tmp} for {final}")
-        _remove(final)
-        os.replace(tmp, final)
+        _replace(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_entries(final_dir: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success rename each entry written there into
+    `final_dir`, replacing entries of the same name and leaving the others (e.g. a user's) as they are."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.parent / f".{final_dir.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        final_dir.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            _replace(entry, final_dir / entry.name)
+    finally:
+        _remove(tmp)
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; an existing `final` is renamed aside first and removed after."""
+    aside = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    if final.exists() or final.is_symlink():
+        _remove(aside)
+        os.replace(final, aside)
+    os.replace(new, final)
+    _remove(aside)
+
+
+def remove_stale_partials(root: Path) -> list[str]:
+    """Remove unfinished atomic writes left in the run by processes that are gone; returns their paths."""
+    from cpt_kit.file_records import TEMPORARY
+
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            match = TEMPORARY.match(name)
+            if match and not _alive(match.group("pid")):
+                _remove(Path(dirpath, name))
+                removed.append(str(Path(dirpath, name).relative_to(root)))
+        dirnames[:] = [d for d in dirnames if not TEMPORARY.match(d)]
+    return sorted(removed)
+
+
+def _alive(pid: str | None) -> bool:
+    if not pid or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

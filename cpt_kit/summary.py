@@ -45,7 +45,8 @@ def _display(path) -> str:
         return str(path)
 
 
-def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
+def print_summary(console: Any, run: RunDir, manifest: Manifest, failed: bool = False) -> None:
+    """The stage table, the outputs, and what to do next (for a failed run: that it failed, not a next step)."""
     from rich.table import Table
 
     from cpt_kit.pipeline import STAGE_TABLE
@@ -75,7 +76,12 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest) -> None:
     if outputs:
         console.print(f"outputs in {_display(run.root)}/: " + "  ".join(outputs))
     modelfile = run.ollama / "Modelfile"
-    if manifest.stage("modelfile").get("status") == "done" and modelfile.is_file():
+    broken = [name for name, entry in manifest.data["stages"].items() if entry.get("status") == "failed"]
+    if failed:
+        console.print(f"[red]the run failed{' at ' + ', '.join(broken) if broken else ''}[/red] (error above): "
+                      "its outputs are not ready to use; fix the cause and run the same command again "
+                      "(finished stages are kept)")
+    elif not broken and manifest.stage("modelfile").get("status") == "done" and modelfile.is_file():
         name = manifest.data.get("recipe", {}).get("name", "my-model")
         console.print(f"next: [bold]ollama create {name} -f {_display(modelfile)}[/bold]")
     console.print(f"manifest: {_display(run.manifest)}")

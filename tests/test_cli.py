@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from cpt_kit.cli import main
 from cpt_kit.pipeline import STAGES
+from test_pipeline import stand_in_stages  # noqa: F401  (fixture)
 
 
 def invoke(*args):
@@ -140,3 +141,69 @@ def test_extended_vocabulary_goes_all_the_way_to_a_verified_gguf(tiny_base, targ
     assert json.loads((run / "merged" / "config.json").read_text())["vocab_size"] == base_vocab + added
     report = json.loads((run / "verify.json").read_text())
     assert report["passed"] and report["checks"]["tokenizer"]["mismatched"] == 0
+
+
+def test_force_never_writes_into_a_directory_that_is_not_a_run(tmp_path):
+    """The issue's repro: `--force` on a folder of the user's used to replace its data/."""
+    mine = tmp_path / "X" / "data" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    result = CliRunner().invoke(main, ["run", str(REPO / "recipes" / "demo.py"), "--output-dir", str(tmp_path / "X"),
+                                       "--until", "prepare", "--force"])
+    assert result.exit_code == 2 and "is not a cpt-kit run" in result.output
+    assert "--force" not in result.output.split("error:")[1]
+    assert mine.read_text() == "mine" and sorted(p.name for p in (tmp_path / "X").rglob("*")) == ["data", "mine.txt"]
+
+
+def test_recipe_that_is_not_python_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\n")
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 2 and "not a Python file" in result.output and "recipes/demo.py" in result.output
+    assert "internal error" not in result.output
+
+
+def _recipe_with_base(tmp_path, base) -> str:
+    recipe = tmp_path / "r.py"
+    recipe.write_text(f"from cpt_kit.recipe import Model, Recipe, Train\n"
+                      f"RECIPE = Recipe(name='r', model=Model(base={str(base)!r}), train=Train(backend='hf'))\n")
+    return str(recipe)
+
+
+def test_invalid_base_is_reported_before_a_run_directory_exists(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, tmp_path / "no-such-model"),
+                                       "--output-dir", str(out)])
+    assert result.exit_code == 2 and "model.base" in result.output and "does not exist" in result.output
+    assert not out.exists()
+
+
+def test_base_needing_remote_code_names_the_setting_and_the_risk(tmp_path):
+    base = tmp_path / "custom-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_lm", "auto_map": {"AutoConfig": "configuration_my.MyConfig",
+                                                   "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, base), "--output-dir", str(out)])
+    assert result.exit_code == 2 and "--set model.trust_remote_code=true" in result.output
+    assert "runs the repository's code" in result.output and "internal error" not in result.output
+    assert not out.exists()
+    allowed = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, base), "--output-dir", str(out),
+                                        "--set", "model.trust_remote_code=true", "--dry-run"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_failed_run_prints_the_failure_first_and_no_next_step(tmp_path, monkeypatch, stand_in_stages):
+    """Stand-in stages (test_pipeline) through the real CLI: verify fails after modelfile wrote a Modelfile."""
+    monkeypatch.setenv("FAIL_STAGE", "verify")
+    monkeypatch.setenv("MODELFILE_FILES", "Modelfile")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, "someone/base"), "--output-dir", str(out)])
+    assert result.exit_code == 2
+    text = result.output
+    assert text.index("error:") < text.index("cpt-kit run:") < text.index("the run failed at verify")
+    assert "next:" not in text and "ollama create" not in text
+    monkeypatch.delenv("FAIL_STAGE")
+    fixed = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, "someone/base"), "--output-dir", str(out)])
+    assert fixed.exit_code == 0 and "next: ollama create r" in fixed.output

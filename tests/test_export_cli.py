@@ -75,6 +75,7 @@ def test_export_usage_errors(adapter_dir, tmp_path):
     (busy / "something.txt").write_text("x")
     result = invoke("export", "--adapter", adapter_dir, "--output-dir", busy)
     assert result.exit_code == 2 and "not a cpt-kit run" in result.output
+    assert [p.name for p in busy.iterdir()] == ["something.txt"]  # nothing written, not even a lock
 
 
 def test_recipe_for_adapter_reads_adapter_config(adapter_dir):
@@ -85,3 +86,95 @@ def test_recipe_for_adapter_reads_adapter_config(adapter_dir):
     assert recipe.model.base == config["base_model_name_or_path"] and recipe.model.load_in_4bit is False
     assert recipe.lora.lora_alpha == 8 and recipe.lora.train_embeddings is True
     assert recipe.export.outtype == "bf16"
+
+
+@pytest.fixture(scope="module")
+def biased_base(tiny_base, tmp_path_factory):
+    """The tiny Llama with attention biases (Qwen2-style q/k/v/o biases), so bias options mean something."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("biased") / "base"
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.attention_bias = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(out)
+    for item in tiny_base.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json", "generation_config.json"):
+            shutil.copyfile(item, out / item.name)
+    return out
+
+
+PLAIN_ADAPTERS = {  # no modules_to_save: what most LoRA adapters people have look like
+    "q_v_only": dict(target_modules=["q_proj", "v_proj"], use_rslora=False),
+    "all_linear_rslora": dict(target_modules="all-linear", use_rslora=True),
+    "bias_all": dict(target_modules=["q_proj", "v_proj"], bias="all", use_rslora=False),
+    "bias_lora_only": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="lora_only", use_rslora=True),
+    "lora_bias": dict(target_modules=["q_proj", "v_proj"], lora_bias=True, use_rslora=False),
+}
+
+
+def test_recipe_for_a_plain_adapter_is_valid(tmp_path):
+    """Without modules_to_save the recipe trains no embeddings, so it has no embedding learning rate
+    (the default one made the recipe invalid before any --set could apply)."""
+    from cpt_kit.export.from_adapter import recipe_for_adapter
+
+    adapter = tmp_path / "plain"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_rslora": False, "modules_to_save": None,
+        "base_model_name_or_path": "some/base",
+        "target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "v_proj"]}))
+    recipe = recipe_for_adapter(adapter, None, "plain", ["export.quantizations=Q8_0"])
+    assert recipe.lora.train_embeddings is False and recipe.train.embedding_learning_rate is None
+    assert recipe.lora.target_modules == ("q_proj", "v_proj") and recipe.lora.r == 16
+    assert recipe.lora.use_rslora is False and recipe.export.quantizations == ("Q8_0",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(PLAIN_ADAPTERS))
+def test_export_plain_lora_adapter(kind, biased_base, tmp_path):
+    from test_merge import make_adapter
+
+    adapter = make_adapter(biased_base, tmp_path / kind, modules_to_save=(), **PLAIN_ADAPTERS[kind])
+    out = tmp_path / "run"
+    result = invoke("export", "--adapter", adapter, "--base", biased_base, "--output-dir", out, "--until", "merge")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    merge = manifest["stages"]["merge"]
+    assert merge["status"] == "done" and merge["metrics"]["max_rel_logit_diff"] < 1e-4, merge["metrics"]
+    assert manifest["recipe"]["lora"]["use_rslora"] is PLAIN_ADAPTERS[kind]["use_rslora"]
+    assert manifest["recipe"]["lora"]["train_embeddings"] is False
+    if kind.startswith("bias"):  # the trained biases are in the merged weights
+        assert any(name.endswith("q_proj.bias") for name in merge["metrics"]["full_modules"])
+
+
+@pytest.mark.slow
+def test_changed_adapter_is_exported_again(biased_base, tmp_path):
+    """A new adapter copied into an existing export run: merge and everything after it are redone."""
+    from stage_helpers import base_tensors
+    from test_merge import make_adapter
+
+    out = tmp_path / "run"
+    first = make_adapter(biased_base, tmp_path / "a1" / "adapter", modules_to_save=(), seed=1)
+    args = ["--base", biased_base, "--output-dir", out, "--name", "eo", "--until", "gguf",
+            "--set", "export.quantizations=Q8_0"]
+    assert invoke("export", "--adapter", first, *args).exit_code == 0
+    merged_before = base_tensors(out / "merged")
+    gguf_before = (out / "gguf" / "eo-Q8_0.gguf").read_bytes()
+
+    second = make_adapter(biased_base, tmp_path / "a2" / "adapter", modules_to_save=(), seed=2)
+    again = invoke("export", "--adapter", second, *args)
+    assert again.exit_code == 0, again.output
+    assert "inputs changed: adapter/adapter_model.safetensors" in again.output
+    assert "merge: done already" not in again.output and "gguf: done already" not in again.output
+    merged_after = base_tensors(out / "merged")
+    assert any(not (merged_after[k] == merged_before[k]).all() for k in merged_before)
+    assert (out / "gguf" / "eo-Q8_0.gguf").read_bytes() != gguf_before

@@ -14,7 +14,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def make_adapter(base: Path, out: Path, *, modules_to_save=("embed_tokens", "lm_head"), use_rslora=True, r=4,
-                 lora_alpha=8, new_tokens=(), seed=1, lora_b_std=0.05, **lora_kwargs) -> Path:
+                 lora_alpha=8, new_tokens=(), seed=1, lora_b_std=0.05, target_modules=TARGETS, **lora_kwargs) -> Path:
     """A PEFT adapter as the train stage writes it: random lora_B, perturbed full modules, tokenizer saved."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -26,14 +26,14 @@ def make_adapter(base: Path, out: Path, *, modules_to_save=("embed_tokens", "lm_
     if new_tokens:
         tokenizer.add_tokens(list(new_tokens))
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=TARGETS, use_rslora=use_rslora,
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, use_rslora=use_rslora,
                         modules_to_save=list(modules_to_save) or None, **lora_kwargs)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, lora_b_std)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or (name.endswith(".bias") and param.requires_grad):
                 param.add_(torch.randn_like(param) * 0.05)
     peft_model.save_pretrained(out)
     tokenizer.save_pretrained(out)

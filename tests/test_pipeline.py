@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import textwrap
 
@@ -116,11 +117,14 @@ def test_other_recipe_or_foreign_directory_not_overwritten(tmp_path, stand_in_st
     with pytest.raises(CptKitError, match="holds the run of recipe 't'"):
         pipeline.run_pipeline(other, run, quiet_console())
     foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("precious")
-    with pytest.raises(CptKitError, match="not a cpt-kit run"):
-        pipeline.run_pipeline(recipe(), RunDir(foreign), quiet_console())
-    assert (foreign / "notes.txt").read_text() == "precious"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "mine.txt").write_text("precious")
+    for force in (False, True):  # --force never writes into a directory cpt-kit did not create
+        with pytest.raises(CptKitError, match="not a cpt-kit run") as info:
+            pipeline.run_pipeline(recipe(), RunDir(foreign), quiet_console(), until="prepare", force=force)
+        assert "--force" not in info.value.render()
+    assert (foreign / "data" / "mine.txt").read_text() == "precious"
+    assert sorted(p.name for p in foreign.rglob("*")) == ["data", "mine.txt"]
 
 
 def test_failure_is_recorded_and_resume_flag_set(tmp_path, stand_in_stages, monkeypatch):
@@ -181,6 +185,7 @@ def test_eval_only_change_redoes_evaluate_and_nothing_else(tmp_path, stand_in_st
     pipeline.run_pipeline(recipe(), run, quiet_console())
     changed = apply_overrides(recipe(), ["eval.prompts=La kato"])
     plan = pipeline.make_plan(changed, run, Manifest.load(run.manifest), quiet_console())
+    # the report reads eval/: it runs after evaluate (and only because evaluate's outputs changed)
     assert [s.stage.name for s in plan.steps if s.action == "run"] == ["evaluate", "report"]
     assert plan.conflicts == ["evaluate"] and "recipe changed: eval.prompts" in plan.steps[2].reasons
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
@@ -238,16 +243,42 @@ def test_changed_input_file_redoes_the_stages_that_read_it(tmp_path, stand_in_st
     assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "gguf", "modelfile", "verify", "report"]
 
 
-def test_outputs_an_earlier_run_wrote_are_replaced_user_files_kept(tmp_path, stand_in_stages, monkeypatch):
+def test_outputs_an_earlier_run_wrote_are_replaced_user_files_never(tmp_path, stand_in_stages, monkeypatch):
     run = RunDir(tmp_path / "run")
     monkeypatch.setenv("GGUF_FILES", "a.gguf,b.gguf")
     pipeline.run_pipeline(recipe(), run, quiet_console())
     (run.root / "gguf/mine.gguf").write_text("the user's")
     monkeypatch.setenv("GGUF_FILES", "a.gguf")
-    pipeline.run_pipeline(recipe(), run, quiet_console(), only="gguf", force=True)
-    assert sorted(p.name for p in (run.root / "gguf").iterdir()) == ["a.gguf", "mine.gguf"]
-    assert list(Manifest.load(run.manifest).stage("gguf")["outputs"]) == ["gguf/a.gguf"]
+    with pytest.raises(CptKitError, match="would replace files this run did not write: gguf/mine.gguf"):
+        pipeline.run_pipeline(recipe(), run, quiet_console(), only="gguf", force=True)
     assert (run.root / "gguf/mine.gguf").read_text() == "the user's"
+    (run.root / "gguf/mine.gguf").rename(tmp_path / "mine.gguf")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), only="gguf", force=True)
+    # b.gguf was recorded by the earlier run and not written by this one: removed
+    assert sorted(p.name for p in (run.root / "gguf").iterdir()) == ["a.gguf"]
+    assert list(Manifest.load(run.manifest).stage("gguf")["outputs"]) == ["gguf/a.gguf"]
+
+
+def test_user_file_beside_the_outputs_survives_prepare(tmp_path, stand_in_stages):
+    """data/mine.txt is not under any of prepare's outputs (data/train, data/heldout, ...): kept."""
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    (run.root / "data/mine.txt").write_text("mine")
+    pipeline.run_pipeline(apply_overrides(recipe(), ["data.seed=1"]), run, quiet_console(), until="prepare", force=True)
+    assert calls(run) == ["prepare", "prepare"] and (run.root / "data/mine.txt").read_text() == "mine"
+
+
+def test_interrupted_attempt_outputs_are_the_runs_own(tmp_path, stand_in_stages, monkeypatch):
+    """Files a failed attempt wrote (after it started) are replaced by the next attempt, no error."""
+    run = RunDir(tmp_path / "run")
+    monkeypatch.setenv("FAIL_STAGE", "prepare")
+    with pytest.raises(CptKitError):
+        pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    (run.root / "data/train").mkdir(parents=True)
+    (run.root / "data/train/half.arrow").write_text("from the failed attempt")
+    monkeypatch.delenv("FAIL_STAGE")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    assert Manifest.load(run.manifest).stage("prepare")["status"] == "done"
 
 
 def test_unreadable_manifest_is_reported_not_replaced(tmp_path, stand_in_stages):
@@ -258,3 +289,41 @@ def test_unreadable_manifest_is_reported_not_replaced(tmp_path, stand_in_stages)
         pipeline.run_pipeline(recipe(), run, quiet_console())
     assert str(run.manifest) in info.value.render() and "move the run directory" in info.value.hint
     assert run.manifest.read_text() == '{"stages": {"prepare": {"status": "do'
+
+
+def test_unfinished_files_of_dead_processes_are_removed_at_start(tmp_path, stand_in_stages):
+    import subprocess
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    leftovers = [run.root / "gguf" / f".t-Q8_0.gguf.partial-{dead.pid}", run.root / f".merged.partial-{dead.pid}",
+                 run.root / "eval" / ".samples.json.k2j3h4.tmp", run.root / "data" / f".train.replaced-{dead.pid}"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    alive = run.root / "gguf" / f".t-F16.gguf.partial-{os.getppid()}"
+    alive.write_text("another process is writing this")
+    pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
+    assert [p for p in leftovers if p.exists()] == [] and alive.exists()
+
+
+def test_atomic_entries_replaces_its_entries_only(tmp_path):
+    from cpt_kit.rundir import atomic_entries
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "old.arrow").write_text("old")
+    (data / "mine.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        with atomic_entries(data) as tmp:
+            (tmp / "train").mkdir()
+            raise RuntimeError("killed")
+    assert (data / "train" / "old.arrow").read_text() == "old"
+    with atomic_entries(data) as tmp:
+        (tmp / "train").mkdir()
+        (tmp / "train" / "new.arrow").write_text("new")
+        (tmp / "stats.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert sorted(p.name for p in data.iterdir()) == ["mine.txt", "stats.json", "train"]
+    assert [p.name for p in (data / "train").iterdir()] == ["new.arrow"]

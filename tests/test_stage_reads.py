@@ -55,5 +55,4 @@ def test_real_stages_read_only_declared_fields(tiny_recipe, tmp_path, monkeypatc
     pipeline.run_pipeline(recipe, RunDir(tmp_path / "run"), quiet_console())
     declared = {s.name: s.reads for s in pipeline.STAGE_TABLE}
     assert {name: undeclared(found, declared[name]) for name, found in reads.items()} == {s: [] for s in declared}
-    assert "eval.max_blocks" in reads["verify"] and "model.max_seq_length" in reads["verify"]
-    assert all(reads[s] for s in declared), "every stage reads some recipe field"
+    assert "eval.max_blocks" in reads["verify"]  # (model.max_seq_length only for runs without held-out data)

@@ -8,8 +8,8 @@ read back once to pack blocks straight into the output datasets (pack.py), with 
 interleaved (mix.py). With extend_tokenizer the spill is text-only first and tokenized after
 the extension. Replay text is read only until it gives what the mix needs.
 
-Writes (all under `data/`, built in a temporary directory and renamed into place, so a crash
-never leaves a half-written dataset): `train/`, `heldout/`, `replay_heldout/` (with replay),
+Writes (all under `data/`, built in a temporary directory, then each entry renamed into place, so
+a crash never leaves a half-written dataset): `train/`, `heldout/`, `replay_heldout/` (with replay),
 `heldout_texts.jsonl`, `tokenizer/`, `tokenizer_extension.json` (with extend_tokenizer),
 `stats.json`. See docs/stage-contracts.md.
 """
@@ -122,14 +122,13 @@ def run(ctx) -> dict[str, Any]:
     from cpt_kit.data.tokenize import special_ids
     from cpt_kit.data.tokenizer_files import load_tokenizer, save_tokenizer
     from cpt_kit.progress import task_progress
-    from cpt_kit.rundir import atomic_path
+    from cpt_kit.rundir import atomic_entries
 
     recipe, d = ctx.recipe, ctx.recipe.data
     block = recipe.model.max_seq_length
     tokenizer = load_tokenizer(recipe.model)
     columns = (SpinnerColumn(), TextColumn("  {task.description}: {task.completed:,} documents"), TimeElapsedColumn())
-    with atomic_path(ctx.run.data) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_entries(ctx.run.data) as tmp:  # replaces its own entries of data/, nothing else there
         work = tmp / "spill"
         work.mkdir()
         with task_progress(ctx.console, *columns) as progress:  # plain lines when output is not a terminal

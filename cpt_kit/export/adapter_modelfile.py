@@ -36,7 +36,7 @@ def trained_full_modules(adapter: Path) -> list[str]:
 
 def base_dir(ctx) -> Path:
     from cpt_kit.model_source import resolve_base
-    from cpt_kit.train.stage import read_train_info
+    from cpt_kit.run_files import read_train_info
 
     base = read_train_info(ctx.run.adapter, required=False).get("base") or resolve_base(ctx.recipe.model)
     if not base or not (Path(base) / "config.json").is_file():

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from cpt_kit.errors import CptKitError
 from cpt_kit.manifest import Manifest
-from cpt_kit.recipe import Lora, Model, Recipe, apply_overrides, recipe_from_dict
+from cpt_kit.recipe import Lora, Model, Recipe, Train, apply_overrides, recipe_from_dict
 from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json
 
 
@@ -36,10 +36,15 @@ def recipe_for_adapter(adapter_dir: Path, base: Optional[str], name: str, overri
     if not base:
         raise CptKitError("the adapter does not name its base model", where=str(config_file), hint="pass --base")
     targets = config.get("target_modules")
+    full_modules = bool(config.get("modules_to_save"))
     lora = Lora(r=int(config.get("r", 8)), lora_alpha=int(config.get("lora_alpha", 8)),
-                use_rslora=bool(config.get("use_rslora")), train_embeddings=bool(config.get("modules_to_save")),
-                target_modules=tuple(sorted(targets)) if isinstance(targets, list) else Lora().target_modules)
-    return apply_overrides(Recipe(name=name, model=Model(base=base, load_in_4bit=False), lora=lora), overrides)
+                use_rslora=bool(config.get("use_rslora")), train_embeddings=full_modules,
+                # saved as names ("q_proj") or, for "all-linear", as full module paths: keep the layer names
+                target_modules=tuple(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+                if isinstance(targets, list) and targets else Lora().target_modules)
+    train = Train(embedding_learning_rate=Train().embedding_learning_rate if full_modules else None)
+    return apply_overrides(Recipe(name=name, model=Model(base=base, load_in_4bit=False), lora=lora, train=train),
+                           overrides)
 
 
 def _same_files(source: Path, copy: Path) -> bool:
@@ -49,12 +54,9 @@ def _same_files(source: Path, copy: Path) -> bool:
 
 
 def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir) -> None:
-    """Copy the adapter into the run and record the earlier stages as external (idempotent)."""
+    """Copy the adapter into the run and record the earlier stages as external (idempotent). The caller
+    has checked that `run` is a run directory (or new) and holds its lock."""
     adapter_dir = Path(adapter_dir).resolve()
-    root = run.root
-    if root.exists() and any(root.iterdir()) and not run.manifest.exists():
-        raise CptKitError(f"{root} exists, is not empty and is not a cpt-kit run", where=str(root),
-                          hint="choose another --output-dir")
     if run.adapter.resolve() != adapter_dir and not _same_files(adapter_dir, run.adapter):
         with atomic_path(run.adapter) as tmp:
             shutil.copytree(adapter_dir, tmp)

@@ -9,21 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
+from cpt_kit.run_files import gguf_files
 from cpt_kit.rundir import RunDir
-
-
-def gguf_path(run: RunDir, name: str, kind: str) -> Path:
-    """Path of one GGUF of a run: kind is the outtype (f16/bf16) or a quantization (Q4_K_M...)."""
-    return run.gguf / f"{name}-{kind.upper()}.gguf"
-
-
-def gguf_files(run: RunDir, recipe) -> dict[str, Path]:
-    """{"F16" (or "BF16"): path, "Q4_K_M": path, ...}: the files this stage writes for `recipe`."""
-    base = recipe.export.outtype.upper()
-    files = {base: gguf_path(run, recipe.name, base)}
-    for quant in recipe.export.quantizations:
-        files.setdefault(quant.upper(), gguf_path(run, recipe.name, quant))
-    return files
 
 
 def input_fingerprint(ctx) -> dict:
@@ -56,7 +43,7 @@ def _imatrix(ctx, reference: Path, quants: list[str]) -> dict | None:
     from transformers import AutoTokenizer
 
     from cpt_kit.export.imatrix import CHUNK_TOKENS, compute_imatrix, write_training_text
-    from cpt_kit.export.modelfile_stage import tokenizer_dir
+    from cpt_kit.run_files import tokenizer_dir
 
     blocks = load_from_disk(str(run_dir.data / "train"))["input_ids"]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir))

@@ -31,6 +31,7 @@ PREFIX = "base_model.model."
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+_LORA_BIAS_RE = re.compile(r"^(?P<module>.+)\.lora_B(\.[^.]+)?\.bias$")
 _LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?(\.weight)?$")
 _ORIGINAL_RE = re.compile(r"^(?P<module>.+)\.original_module\.(?P<param>weight|bias)$")
 _FULL_RE = re.compile(r"^(?P<module>.+?)(\.modules_to_save(\.[^.]+)?)?\.(?P<param>weight|bias)$")
@@ -48,6 +49,8 @@ class Adapter:
     """base tensor name (e.g. model.embed_tokens.weight) -> adapter key of the trained full module"""
     original: dict[str, str] = field(default_factory=dict)
     """base tensor name -> adapter key of the base weight after a vocabulary resize (`original_module`)"""
+    lora_bias: dict[str, str] = field(default_factory=dict)
+    """base module name -> adapter key of its lora_B bias (PEFT `lora_bias=True`: bias += scaling * lora_B.bias)"""
     _handle: object = None
 
     def _open(self):
@@ -111,8 +114,13 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         raise ExportError(f"{adapter_dir} has no adapter_model.safetensors", where=str(adapter_dir))
     for key in keys:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA-wrapped layer (bias="all"/"lora_only")
         if "lora_magnitude_vector" in name:
             raise ExportError("DoRA adapters are not supported by the merge", where=str(adapter_dir))
+        match = _LORA_BIAS_RE.match(name)
+        if match:
+            adapter.lora_bias[match["module"]] = key
+            continue
         match = _LORA_RE.match(name)
         if match:
             slot = adapter.lora.setdefault(match["module"], {})
@@ -200,6 +208,10 @@ def _merged(adapter: Adapter, base: _Base, name: str):
 
     if name in adapter.full:
         return adapter.tensor(adapter.full[name])
+    if name.endswith(".bias") and name[: -len(".bias")] in adapter.lora_bias:
+        module = name[: -len(".bias")]
+        out = base.get(name).to(torch.float32)
+        return out.add_(adapter.tensor(adapter.lora_bias[module]).to(torch.float32), alpha=adapter.scaling(module))
     module = name[: -len(".weight")] if name.endswith(".weight") else None
     if module not in adapter.lora:
         return base.get(name)
@@ -296,7 +308,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, tokenizer
     tied_base = head_key not in weight_map and embed_key is not None
     known = set(weight_map) | ({head_key} if tied_base else set())
     unknown = [m for m in adapter.lora if f"{m}.weight" not in known] + \
-              [n for n in (*adapter.full, *adapter.original) if n not in known]
+              [n for n in (*adapter.full, *adapter.original, *(f"{m}.bias" for m in adapter.lora_bias)) if n not in known]
     if unknown:
         raise ExportError(f"adapter weights not found in the base: {', '.join(sorted(unknown)[:5])}", where=str(adapter_dir),
                           hint="the adapter was trained on another base model")

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
-from cpt_kit.export.verify_stage import heldout_texts
+from cpt_kit.run_files import heldout_texts, read_train_info
 from cpt_kit.rundir import atomic_path
-from cpt_kit.train.stage import read_train_info
 
 
 def resolve_merge_base(ctx) -> Path:

@@ -3,39 +3,16 @@ SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollam
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
+from cpt_kit.run_files import chosen_quant, eos_ids, tokenizer_dir
 from cpt_kit.rundir import RunDir, atomic_write_text
 
 SMOKE_PROMPT = "Hello"
 """What `ollama run` is asked once the model is created (not an eval prompt: editing those must not redo this stage)."""
-
-
-def tokenizer_dir(run: RunDir) -> Path:
-    """merged/ when it has a tokenizer, else data/tokenizer (the tokenizer training used)."""
-    for folder in (run.merged, run.tokenizer):
-        if (folder / "tokenizer_config.json").is_file():
-            return folder
-    raise ExportError(f"no tokenizer in {run.merged} or {run.tokenizer}", where=str(run.root),
-                      hint="run the merge stage first")
-
-
-def eos_ids(model_dir: Path) -> tuple[int, ...]:
-    """eos_token_id of generation_config.json (an int or a list; chat models often list several)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return ()
-    value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    return tuple(value) if isinstance(value, list) else (value,) if isinstance(value, int) else ()
-
-
-def chosen_quant(recipe) -> str:
-    export = recipe.export
-    return (export.modelfile_quant or (export.quantizations[0] if export.quantizations else export.outtype)).upper()
 
 
 def ollama_name(name: str) -> str:
@@ -77,7 +54,7 @@ def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
 def run(ctx) -> dict:
     from transformers import AutoTokenizer
 
-    from cpt_kit.export.gguf_stage import gguf_path
+    from cpt_kit.run_files import gguf_path
     from cpt_kit.export.modelfile import render
     from cpt_kit.export.ollama import publish
 

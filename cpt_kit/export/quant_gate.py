@@ -111,7 +111,8 @@ def check_quantizations(ctx, files: dict[str, Path], reference: str, quality: di
     """The verify check over every quantization: gate each one, report size / perplexity change / KL /
     fallback count, and when the Modelfile's quantization failed, point the Modelfile at the smallest
     one that passed (the unquantized GGUF if none did) so it never serves a failed quantization."""
-    from cpt_kit.export.modelfile_stage import chosen_quant, ollama_name
+    from cpt_kit.export.modelfile_stage import ollama_name
+    from cpt_kit.run_files import chosen_quant
     from cpt_kit.export.ollama import publish
 
     recipe, run = ctx.recipe, ctx.run

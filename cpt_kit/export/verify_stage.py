@@ -31,21 +31,6 @@ def probe_blocks(tokenizer, texts: list[str], length: int, limit: int) -> list[l
     return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:limit]
 
 
-def heldout_texts(run, limit: int = 8) -> list[str]:
-    """The first `limit` held-out documents prepare wrote (none for a run without data/)."""
-    path = run.data / "heldout_texts.jsonl"
-    if not path.is_file():
-        return []
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-            if len(texts) == limit:
-                break
-    return texts
-
-
 def written_modelfile(run_dir):
     """ollama/Modelfile as Ollama reads it (TEMPLATE, SYSTEM, the stops): what verify checks."""
     from cpt_kit.export.modelfile import parse
@@ -76,12 +61,11 @@ def run(ctx) -> dict:
 
     from cpt_kit.export import verify
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
-    from cpt_kit.export.gguf_stage import gguf_files
-    from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
     from cpt_kit.export.quant_gate import check_quantizations
     from cpt_kit.export.quant_quality import compare_to_reference
     from cpt_kit.perplexity import FEW_BLOCKS, gguf_scores, hf_scores, load_scoring_model
     from cpt_kit.progress import progress
+    from cpt_kit.run_files import chosen_quant, gguf_files, heldout_texts, tokenizer_dir
 
     recipe, run_dir = ctx.recipe, ctx.run
     files = gguf_files(run_dir, recipe)

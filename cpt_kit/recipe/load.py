@@ -18,6 +18,9 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", hint="pass the path of a .py file that defines RECIPE")
+    if path.suffix != ".py":
+        raise RecipeError(f"{path.name} is not a Python file: a recipe is a .py module that defines RECIPE",
+                          where=str(path), hint="start from a shipped recipe, e.g. copy recipes/demo.py and edit it")
     module_name = f"cpt_kit_recipe_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ checkpoints, the adapter's files) is in `cpt_kit.train.stage` and does not care 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -27,8 +27,8 @@ class TrainSetup:
     recipe: Recipe
     base: str
     """Local directory or hub id of the base model."""
-    load_kwargs: dict[str, Any]
-    """revision / token / trust_remote_code for from_pretrained."""
+    load_kwargs: dict[str, Any] = field(repr=False)
+    """revision / token / trust_remote_code for from_pretrained (not in repr: it holds the hub token)."""
     tokenizer_dir: Path
     """The tokenizer training uses (data/tokenizer/)."""
     device: str

@@ -17,24 +17,9 @@ base they load matches the one training started from.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Optional
 
 from cpt_kit.errors import DataError
-
-
-def read_extension(path: Path) -> Optional[dict[str, Any]]:
-    """The tokenizer extension record, or None when the vocabulary was not extended."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    for i, item in enumerate(record.get("added", [])):
-        if not item.get("init_ids") and item.get("init") != "mean":
-            raise DataError(f"added token {item.get('token')!r} has no init_ids", where=f"{path}: added[{i}]",
-                            hint="rerun the prepare stage (cpt-kit run ... --stage prepare --force)")
-    return record
 
 
 def target_vocab_size(extension: Optional[dict[str, Any]], current: int) -> int:

@@ -10,14 +10,14 @@ fingerprint resumes from its last complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from cpt_kit.errors import DataError, TrainingError
 from cpt_kit.rundir import atomic_path, atomic_write_json
+from cpt_kit.run_files import checkpoint_problem, checkpoints_newest_first
 
 EXTRA_CALLBACKS: list[Any] = []
 """TrainerCallbacks added to every run of the stage (a seam for tests and benchmarks)."""
@@ -37,7 +37,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from cpt_kit.train.callbacks import NanGuard, TrainLog, TrainProgress, first_non_finite_parameter
-    from cpt_kit.train.embeddings import read_extension, tie_record, tie_summary
+    from cpt_kit.run_files import read_extension
+    from cpt_kit.train.embeddings import tie_record, tie_summary
     from cpt_kit.hardware import CPU_4BIT_NOTE, resolve_precision, use_4bit, use_gradient_checkpointing
     from cpt_kit.lineage import describe as describe_lineage, record_lineage
     from cpt_kit.model_source import load_kwargs, resolve_base
@@ -67,7 +68,7 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                        load_in_4bit=load_in_4bit, optim=resolve_optim(recipe, hw.device),
                        gradient_checkpointing=use_gradient_checkpointing(recipe, hw), output_dir=run_dir.checkpoints,
                        extension=extension, train_embeddings=recipe.lora.train_embeddings or embeddings_enabled)
-    checkpoint = resume_checkpoint(run_dir.checkpoints) if ctx.resume else None
+    checkpoint = resume_checkpoint(run_dir.checkpoints, ctx.log) if ctx.resume else None
     log_path = run_dir.logs / "train.jsonl"
     if checkpoint is None:
         shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
@@ -79,6 +80,8 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             f"{'on' if setup.gradient_checkpointing else 'off'}, "
             f"{len(train_ds)} train / {len(eval_ds)} held-out {'conversations' if chat else 'blocks'}")
 
+    from transformers import set_seed
+    set_seed(recipe.train.seed)  # before LoRA's random init: the same seed gives the same adapter
     model, tokenizer = backend.load_model(setup)
     base_config = _base_text_config(setup)
     base_vocab, tied_base = int(base_config.vocab_size), bool(getattr(base_config, "tie_word_embeddings", False))
@@ -170,14 +173,16 @@ def load_blocks(data_dir: Path, seq_len: int):
     return sets[0], sets[1]
 
 
-def resume_checkpoint(checkpoints: Path) -> Optional[Path]:
-    """The newest complete checkpoint (it has trainer_state.json), or None."""
-    found = []
-    for path in Path(checkpoints).glob("checkpoint-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(suffix), path))
-    return max(found)[1] if found else None
+def resume_checkpoint(checkpoints: Path, log: Callable[[str], None] = lambda message: None) -> Optional[Path]:
+    """The newest complete checkpoint, or None. Newer ones that are incomplete or damaged (see
+    run_files.checkpoint_problem) are removed, with a message, so training redoes their steps."""
+    for _, path in checkpoints_newest_first(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"[yellow]{path.name} cannot be resumed from: {problem}; removed it[/yellow]")
+        shutil.rmtree(path)
+    return None
 
 
 def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, info: dict[str, Any]) -> None:
@@ -196,15 +201,3 @@ def _base_text_config(setup):
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(setup.base, **setup.load_kwargs)
     return getattr(config, "get_text_config", lambda: config)()
-
-
-def read_train_info(adapter_dir: Path, required: bool = True) -> dict[str, Any]:
-    """adapter/cpt_kit_train.json (what the evaluate and export steps need to rebuild the base).
-
-    With required=False a missing file (an adapter not trained by cpt-kit) gives {}."""
-    path = Path(adapter_dir) / "cpt_kit_train.json"
-    if not path.is_file():
-        if not required:
-            return {}
-        raise TrainingError(f"{path} is missing", where=str(adapter_dir), hint="run the train stage first")
-    return json.loads(path.read_text(encoding="utf-8"))
