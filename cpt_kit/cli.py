@@ -94,7 +94,8 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and print the plan; load no model.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
 @click.option("--force", is_flag=True, help="Redo finished stages / write into a run of another recipe.")
-def run(recipe, overrides, until, only, dry_run, output_dir, force):
+@click.option("--skip-plan-check", is_flag=True, help="Start even when `cpt-kit plan` says the run will not fit this GPU.")
+def run(recipe, overrides, until, only, dry_run, output_dir, force, skip_plan_check):
     """Run RECIPE (a .py file defining RECIPE) through prepare -> train -> evaluate -> export."""
     from cpt_kit.hardware import check_recipe_against_hardware, detect
     from cpt_kit.model_source import check_base
@@ -114,6 +115,11 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force):
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     refuse_foreign_dir(run_dir)  # before any work, whatever the flags
+    if not skip_plan_check and "prepare" not in (until, only):  # what must fit is training
+        from cpt_kit.planner import check_fits_this_gpu
+        estimate = check_fits_this_gpu(resolved, run_dir.root)  # raises when it will not fit this GPU
+        if estimate:
+            console.print(f"[dim]{estimate}[/dim]")
     if dry_run:
         manifest = Manifest.load(run_dir.manifest)
         plan = make_plan(resolved, run_dir, manifest, console, until, only, force)
@@ -233,14 +239,16 @@ def plan(recipe, device_key, overrides, config_path, output_dir, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--no-html", is_flag=True, help="Write report.md and the plots only.")
-def report(run_dir, no_html):
+def report(run_dir):
     """(Re)write RUN_DIR/report.md, report.html and report/*.png from the run's files alone."""
-    from cpt_kit.report import write_report
+    from cpt_kit.export.from_adapter import recipe_of_run
+    from cpt_kit.pipeline import run_one_stage
     from cpt_kit.rundir import RunDir
 
-    path = write_report(RunDir(Path(run_dir)), html=not no_html)
-    click.echo(f"wrote {path}" + ("" if no_html else f" and {path.with_suffix('.html')}"))
+    run = RunDir(Path(run_dir))
+    console = _console()
+    run_one_stage(recipe_of_run(run.root), run, console, "report")
+    console.print(f"wrote {run.root / 'report.md'}, {run.root / 'report.html'} and {run.root / 'report'}/")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,20 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
     return manifest
 
 
+def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str) -> Manifest:
+    """Run stage `name` now, whatever the state of the stages before it (`cpt-kit report` on a run
+    that failed half way): under the run's lock, with its outputs recorded like any stage's."""
+    refuse_foreign_dir(run)
+    with run_lock(run.root, log=lambda text: console.print(f"[yellow]{text}[/yellow]")):
+        manifest = Manifest.load(run.manifest)
+        stage = STAGE_TABLE[STAGES.index(name)]
+        ctx = StageContext(recipe, run, manifest, console)
+        found = assess(stage, ctx)
+        ctx.fingerprint = found.basis.fingerprint
+        _run_stage(stage, ctx, found.basis.to_json(), manifest.stage(name))
+    return manifest
+
+
 def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> None:
     """Run one stage; on success record the files it wrote under its outputs (and remove the files an
     earlier run of it recorded that it did not write again, when they are still as recorded)."""

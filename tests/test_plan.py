@@ -163,3 +163,19 @@ def test_estimate_within_25_percent_of_a_measured_cpu_run(tmp_path, general_text
     plan = plan_recipe(recipe, DEVICES["cpu"])
     assert settings_for(recipe, DEVICES["cpu"]).backend == "hf"
     assert abs(plan.needed_gib - measured["peak_gib"]) / measured["peak_gib"] < 0.25, (plan.to_dict(), measured)
+
+
+def test_run_refuses_a_recipe_that_cannot_fit_the_detected_gpu(monkeypatch):
+    from cpt_kit.errors import CptKitError
+    from cpt_kit.planner import check_fits_this_gpu
+    from cpt_kit.planner import gpus
+
+    monkeypatch.setattr(gpus, "detected_device", lambda: Device("detected", "Tesla T4", 15.0, 65.0, False))
+    assert "of 15.0 GiB on Tesla T4" in check_fits_this_gpu(_recipe(), None)
+    big = apply_overrides(_recipe(), ["train.per_device_train_batch_size=64", "train.gradient_checkpointing=false"])
+    with pytest.raises(CptKitError, match="Tesla T4 has 15.0 GiB") as info:
+        check_fits_this_gpu(big, None)
+    assert "--set train.per_device_train_batch_size=2 train.gradient_accumulation_steps=256" in info.value.hint
+    assert "--skip-plan-check" in info.value.hint
+    monkeypatch.setattr(gpus, "detected_device", lambda: None)
+    assert check_fits_this_gpu(big, None) is None  # no GPU: nothing to check

@@ -116,8 +116,10 @@ def test_not_a_run_is_a_clear_error(tmp_path):
         write_report(RunDir(tmp_path))
 
 
-def test_cli_report_regenerates_from_files(finished_run):
-    out = subprocess.run([sys.executable, "-m", "cpt_kit.cli", "report", str(finished_run.root), "--no-html"],
+def test_cli_report_regenerates_from_files_and_records_them(finished_run):
+    out = subprocess.run([sys.executable, "-m", "cpt_kit.cli", "report", str(finished_run.root)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert (finished_run.root / "report.md").is_file() and not (finished_run.root / "report.html").exists()
+    assert (finished_run.root / "report.md").is_file() and (finished_run.root / "report.html").is_file()
+    entry = json.loads(finished_run.manifest.read_text())["stages"]["report"]
+    assert entry["status"] == "done" and "report.md" in entry["outputs"] and "report/loss.png" in entry["outputs"]
