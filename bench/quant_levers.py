@@ -1,6 +1,6 @@
 """Benchmark: what llama.cpp's quality levers buy per quantization on a small model with a large vocabulary.
 
-    .venv/bin/python bench/quant_levers.py [--vocab 32000 --hidden 640 --layers 2 --steps 24 --blocks 12] [--no-write]
+    .venv/bin/python bench/quant_levers.py [--vocab 32000 --hidden 640 --layers 2 --steps 24 --blocks 12] [--out BENCHMARKS.md]
 
 Builds offline a Llama-architecture model shaped like the small models that quantize worst (hidden 640,
 so 640-wide rows are not a multiple of the K-quant block of 256 and fall back to other types; a
@@ -13,7 +13,7 @@ and quantizes it with each lever off/on:
   both       the two together (cpt-kit's default)
 For each: file size, tensors that needed a fallback type, perplexity change and mean KL divergence vs
 the F16 GGUF on the held-out documents (cpt_kit.export.quant_quality, the numbers verify gates on).
-Writes the table to docs/pending/quant-BENCHMARKS.md unless --no-write.
+Prints the table; --out FILE appends it to FILE (e.g. BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--imatrix-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quants", default=",".join(QUANTS), help="comma-separated quantization types")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", help="append the table to this Markdown file")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -153,15 +153,9 @@ def main() -> None:
                      f"{q['kl_p99']:.3f} | {q['same_top_token']:.1%} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.no_write:
-        out = REPO / "docs" / "pending" / "quant-BENCHMARKS.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        current = out.read_text(encoding="utf-8") if out.exists() else ""
-        start = current.find(lines[0])
-        if start != -1:
-            end = current.find("\n## ", start + 1)
-            current = current[:start] + (current[end + 1:] if end != -1 else "")
-        out.write_text(current.rstrip("\n") + ("\n\n" if current.strip() else "") + text, encoding="utf-8")
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write("\n" + text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ median of the per-step values after 2 warm-up steps. The padding share is the sh
 model's input positions that are padding when rows are batched in the trainer's (seeded random)
 order; packing (TRL BFD + padding-free collation) has none. Runs on CUDA when there is one.
 
-    python bench/sft.py --out docs/pending/sft-BENCHMARKS.md            # tiny offline model, CPU
+    python bench/sft.py                                  # tiny offline model, CPU; --out FILE to keep it
     python bench/sft.py --model /tmp/m --seq-len 2048 --batch-size 4 --steps 12 --load-in-4bit   # GPU
 """
 
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit base (CUDA only; CPU loads 32-bit)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--configs", default="hf,unsloth,hf+packing,unsloth+packing")
-    p.add_argument("--out", default=str(REPO / "docs/pending/sft-BENCHMARKS.md"))
+    p.add_argument("--out", help="Markdown file whose '## sft' section the results replace (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -145,10 +145,10 @@ def main() -> None:
         results = [run_config(c.strip(), args, work) for c in args.configs.split(",") if c.strip()]
     for r in results:
         print(json.dumps(r))
-    write_report(Path(args.out), args, label, results)
+    write_report(Path(args.out) if args.out else None, args, label, results)
 
 
-def write_report(path: Path, args: argparse.Namespace, label: str, results: list[dict]) -> None:
+def write_report(path: Path | None, args: argparse.Namespace, label: str, results: list[dict]) -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} threads"
@@ -180,11 +180,11 @@ each configuration in its own process, in one run (the baseline is the hf row of
 
 {'; '.join(ratios)}
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks (sft)\n"
-    keep = old.split("\n## sft\n")[0].rstrip()
-    path.write_text(keep + "\n\n" + text, encoding="utf-8")
     print(text)
+    if path is not None:
+        old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+        keep = old.split("\n## sft\n")[0].rstrip()
+        path.write_text(keep + "\n\n" + text, encoding="utf-8")
 
 
 if __name__ == "__main__":

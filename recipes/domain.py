@@ -3,8 +3,8 @@
 Same language, new domain: a lower LoRA rank than for a new language, embeddings still trained
 (domain terms are often split badly and sit in rarely used rows) but with a 10x smaller learning
 rate, and a larger replay share of general text, because forgetting general skills is the main
-risk of domain CPT. Qwen2.5-0.5B has tied input/output embeddings; training both unties them and
-the export records that. Point it at your corpus:
+risk of domain CPT. Qwen2.5-0.5B has tied input/output embeddings; they stay tied (one trained
+matrix, the base's file size) and the run's summary says so. Point it at your corpus:
 
     cpt-kit run recipes/domain.py --set data.sources=my_papers/**/*.txt
 """
