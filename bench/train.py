@@ -234,7 +234,7 @@ def report(args: argparse.Namespace, results: list[dict], model_label: str) -> s
                     f"| {r['cpu_seconds_per_step']:.3f} ({cpu_low:.3f}-{cpu_high:.3f}) "
                     f"| {r['cpu_seconds_per_step'] / base['cpu_seconds_per_step']:.2f}x | {r['tokens_per_second']:.0f} "
                     f"| {r['memory_mb']:.0f} | {r['precision']} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
-    memory_kind = "CUDA peak allocated" if results[0]["device_type"] == "cuda" else "process RSS at the end"
+    memory_kind = "CUDA peak allocated" if results[0]["device_type"] == "cuda" else "peak process RSS"
     return f"""## train
 
 Training step time: cpt-kit's train stage (hf / unsloth backend) against a plain transformers+PEFT

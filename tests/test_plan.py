@@ -87,12 +87,14 @@ def test_levers_reduce_memory_and_large_vocabularies_are_dominated_by_logits():
     assert max(full.parts, key=full.parts.get) == "logits"  # 262k vocabulary
 
 
-def test_the_h100_measurement_is_reproduced_within_25_percent():
-    """BENCHMARKS.md: Llama-3.2-1B shape, 4-bit, r=128, seq 2048, batch 2, CUDA max allocated."""
+def test_the_h200_measurement_is_reproduced_within_25_percent():
+    """bench/plan_check.py on an H200: Llama-3.2-1B shape, Unsloth, 4-bit, r=128, seq 2048, batch 2,
+    gradient checkpointing: 5,499 MiB CUDA max allocated. (The older H100 hf number, 11,647 MiB, was
+    measured when the hf backend untied a tied base's embeddings into two trained matrices; both
+    backends now keep the tie, so it no longer describes what the code does.)"""
     shape = known_shape("meta-llama/Llama-3.2-1B")
-    for backend, measured_mib in (("unsloth", 6013), ("hf", 11647)):
-        peak = estimate(shape, dataclasses.replace(BASE, backend=backend)).peak_bytes / 2**20
-        assert abs(peak - measured_mib) / measured_mib < 0.25, (backend, peak)
+    peak = estimate(shape, dataclasses.replace(BASE, backend="unsloth")).peak_bytes / 2**20
+    assert abs(peak - 5499) / 5499 < 0.25, peak
 
 
 def _recipe(**train) -> Recipe:

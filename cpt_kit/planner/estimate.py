@@ -4,18 +4,30 @@ Memory (bytes), by part:
 - weights: block linear layers in 4-bit NF4 (0.5 byte + a fp32 absmax per 64 weights, itself
   8-bit with double quantization: ~0.52 byte/param) or 16/32-bit; norms and embeddings stay 16-bit
   (32-bit on CPU) either way;
-- trainable embed_tokens/lm_head (PEFT modules_to_save): an fp32 master copy, its fp32 gradient and
-  the optimizer's two states (1 byte each for 8-bit AdamW, 4 for torch AdamW), per trained matrix;
-  the frozen originals stay in the weights. A tied base trains one matrix (both backends keep the
-  tie, cpt_kit.train.embeddings);
+- trainable embed_tokens/lm_head (PEFT modules_to_save): an fp32 master copy and the optimizer's
+  two states (1 byte each for 8-bit AdamW, 4 for torch AdamW; they exist from the first optimizer
+  step on), per trained matrix, plus one fp32 gradient (lm_head's, made at the start of backward
+  while the activations are alive; embed_tokens' appears at the end of backward, after they are
+  freed, and gradients are freed after each step). The frozen originals stay in the weights. A tied base trains one
+  matrix (both backends keep the tie, cpt_kit.train.embeddings);
 - LoRA A/B: fp32 weights, gradients and optimizer states;
-- activations: per token and layer the tensors autograd keeps for a Llama block with LoRA (norm
-  inputs/outputs, q/k/v, attention output, MLP gate/up/product), in the compute dtype; with
-  gradient checkpointing only each layer's input plus one layer's working set; on CPU the SDPA
-  math path also keeps the [heads, seq, seq] attention weights;
+- activations: per token and layer the tensors autograd keeps for a Llama block with LoRA, counted
+  with torch.autograd.graph.saved_tensors_hooks on the hf path: 4 of width hidden (both norms'
+  inputs and outputs), q and the attention output (q_dim), k and v (kv_dim), 4 of width
+  intermediate (gate, up, activation, product), in the compute dtype; the LoRA rank-r
+  intermediates are negligible. SDPA (flash kernels on GPU and on CPU, causal, no padding mask)
+  keeps only a per-row logsumexp, no [heads, seq, seq] scores. With gradient checkpointing only
+  each layer's input plus one layer's working set;
 - logits: [batch*seq, vocab] in 16-bit for Unsloth's fused chunked cross-entropy; the hf path
-  keeps an fp32 copy (the upcast, or on CPU the log-softmax) and an fp32 gradient: 8 bytes per
-  logit, which dominates for 128k-262k vocabularies.
+  peaks in the backward of its fp32 cross-entropy, where the saved log-softmax, its incoming
+  gradient and the logits' gradient coexist: 12 bytes per logit, which dominates for 128k-262k
+  vocabularies.
+
+Measured on CPU (bench/plan_check.py model, RSS sampled around each phase), the process peaks in
+the second step's backward, at the cross-entropy, on top of the runtime (CPU_RUNTIME_GIB), the
+weights, the master copies and the optimizer states. Its peak RSS also holds freed blocks glibc's
+allocator keeps for reuse (~200 MiB, 12%, there: the peak drops from 1,872 to 1,668 MiB with
+MALLOC_MMAP_THRESHOLD_=65536); that is not modelled, so CPU estimates read low by about that much.
 
 FLOPs per trained token: 2 per weight forward; backward 2 per frozen weight (input gradient only)
 and 4 per trainable weight (input and weight gradient); gradient checkpointing recomputes the
@@ -98,18 +110,17 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
 
     h, i = shape.hidden_size, shape.intermediate_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    per_token_layer = (6 * h + 2 * q_dim + 2 * kv_dim + 4 * i) * act_bytes
-    attention_scores = 0 if s.cuda else s.batch_size * shape.num_heads * s.seq_len**2 * 4
-    layer = tokens * per_token_layer + attention_scores
+    layer = tokens * (4 * h + 2 * q_dim + 2 * kv_dim + 4 * i) * act_bytes
     if s.gradient_checkpointing:
         activations = tokens * h * act_bytes * shape.num_layers + layer
     else:
         activations = layer * shape.num_layers
-    logit_bytes = (2 if s.cuda else 4) if s.backend == "unsloth" else 8
+    logit_bytes = (2 if s.cuda else 4) if s.backend == "unsloth" else 12
 
     parts = {
         "weights": linear + (embeddings + shape.norm_params) * weight_bytes,
-        "trainable embeddings": n_embed * shape.embedding_params * (4 + 4 + opt_bytes),
+        "trainable embeddings": n_embed * shape.embedding_params * (4 + opt_bytes)
+                                + min(n_embed, 1) * shape.embedding_params * 4,  # lm_head's gradient
         "lora": lora * (4 + 4 + opt_bytes),
         "activations": activations,
         "logits": tokens * shape.vocab_size * logit_bytes,

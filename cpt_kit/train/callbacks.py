@@ -18,17 +18,19 @@ from cpt_kit.errors import TrainingError
 
 
 def memory_mb(device: str) -> float:
-    """CUDA: peak allocated since start. CPU: current resident set size of this process."""
+    """Peak memory of this process so far: CUDA max allocated, or on CPU the peak resident set
+    size (VmHWM; the current RSS after a step is far below the peak reached inside it)."""
     if device == "cuda":
         import torch
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     try:
-        import os
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     except (OSError, ValueError, IndexError):
-        import resource
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        pass
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def group_learning_rates(optimizer: Any) -> tuple[Optional[float], Optional[float]]:
