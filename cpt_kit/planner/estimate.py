@@ -8,8 +8,8 @@ Memory (bytes), by part:
   two states (1 byte each for 8-bit AdamW, 4 for torch AdamW; they exist from the first optimizer
   step on), per trained matrix, plus one fp32 gradient (lm_head's, made at the start of backward
   while the activations are alive; embed_tokens' appears at the end of backward, after they are
-  freed, and gradients are freed after each step). The frozen originals stay in the weights. A tied base trains one
-  matrix (both backends keep the tie, cpt_kit.train.embeddings);
+  freed, and gradients are freed after each step). The frozen originals stay in the weights. A
+  tied base trains one matrix (both backends keep the tie, cpt_kit.train.embeddings);
 - LoRA A/B: fp32 weights, gradients and optimizer states;
 - activations: per token and layer the tensors autograd keeps for a Llama block with LoRA, counted
   with torch.autograd.graph.saved_tensors_hooks on the hf path: 4 of width hidden (both norms'
@@ -20,13 +20,13 @@ Memory (bytes), by part:
   each layer's input plus one layer's working set;
 - logits: [batch*seq, vocab] in 16-bit for Unsloth's fused chunked cross-entropy; the hf path
   peaks in the backward of its fp32 cross-entropy, where the saved log-softmax, its incoming
-  gradient and the logits' gradient coexist: 12 bytes per logit, which dominates for 128k-262k
-  vocabularies.
+  gradient and the logits' gradient coexist: 12 bytes per logit (measured on CPU), which
+  dominates for 128k-262k vocabularies.
 
 Measured on CPU (bench/plan_check.py model, RSS sampled around each phase), the process peaks in
 the second step's backward, at the cross-entropy, on top of the runtime (CPU_RUNTIME_GIB), the
 weights, the master copies and the optimizer states. Its peak RSS also holds freed blocks glibc's
-allocator keeps for reuse (~200 MiB, 12%, there: the peak drops from 1,872 to 1,668 MiB with
+allocator keeps for reuse (~200 MiB, 12%, there: the peak drops from 1,867 to 1,668 MiB with
 MALLOC_MMAP_THRESHOLD_=65536); that is not modelled, so CPU estimates read low by about that much.
 
 FLOPs per trained token: 2 per weight forward; backward 2 per frozen weight (input gradient only)
