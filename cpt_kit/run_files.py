@@ -88,6 +88,19 @@ def gguf_files(run: RunDir, recipe) -> dict[str, Path]:
     return files
 
 
+def quality_path(run: RunDir) -> Path:
+    """gguf/quality.json: each quantization measured against the unquantized GGUF and gated (gguf stage)."""
+    return run.gguf / "quality.json"
+
+
+def read_quality(run: RunDir) -> dict[str, Any]:
+    """gguf/quality.json; ExportError when the gguf stage has not written it."""
+    path = quality_path(run)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist", where=str(run.root), hint="run the gguf stage first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def chosen_quant(recipe) -> str:
     """The GGUF the Modelfile's FROM points to: export.modelfile_quant, else the first quantization."""
     export = recipe.export

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cpt_kit.errors import ExportError
+from cpt_kit.export.quant_gate import DEFAULT_LIMITS
 
 NEW_TOKENS = ("ĉiutage", "kolektiĝis", "ŝtonpontoj")
 
@@ -48,7 +49,7 @@ def exported(tiny_tied, tmp_path_factory):
 def test_gguf_stage_writes_checked_files(exported):
     ctx, metrics = exported
     names = sorted(p.name for p in ctx.run.gguf.iterdir())
-    assert names == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf"]
+    assert names == ["quality.json", "tiny-F16.gguf", "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf"]
     assert set(metrics["files"]) == {"F16", "Q8_0", "Q4_K_M"}
     for info in metrics["files"].values():
         assert info["tensors"] > 0 and info["architecture"] == "llama"
@@ -56,6 +57,22 @@ def test_gguf_stage_writes_checked_files(exported):
     assert metrics["Q4_K_M_fallback"] == f"0 of {metrics['files']['Q4_K_M']['tensors']}"
     assert metrics["files"]["Q4_K_M"]["bytes"] < metrics["files"]["Q8_0"]["bytes"] < metrics["files"]["F16"]["bytes"]
     json.dumps(metrics)
+
+
+@pytest.mark.slow
+def test_gguf_stage_gates_each_quant_on_the_probe_texts_without_heldout_data(exported):
+    """A run without data/heldout (`cpt-kit export --adapter`): quality.json is measured on probe-text blocks."""
+    ctx, metrics = exported
+    quality = json.loads((ctx.run.gguf / "quality.json").read_text())
+    assert quality["block_source"] == "probe_texts" and quality["blocks"] >= 2
+    assert quality["reference"]["name"] == "F16" and quality["reference"]["tokens"] > 0
+    assert set(quality["formats"]) == {"Q8_0", "Q4_K_M"} and quality["passed"] and quality["failed"] == []
+    for quant, gate in quality["formats"].items():
+        assert gate["bytes"] == metrics["files"][quant]["bytes"] and gate["fallback_tensors"] == 0
+        assert (gate["max_ppl_delta"], gate["max_kl"]) == DEFAULT_LIMITS[quant] and gate["reasons"] == []
+        assert metrics[f"{quant}_kl"] == round(gate["mean_kl"], 5)
+    assert 0 <= quality["formats"]["Q8_0"]["mean_kl"] < quality["formats"]["Q4_K_M"]["mean_kl"]
+    assert metrics["quant_failed"] == []
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Go parser), FROM relative to the run, stops, SYSTEM/parameters from the recipe, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import stat
@@ -68,9 +69,13 @@ def recipe_for(tiny_recipe, model_dir, **modelfile):
 
 
 def fake_gguf(run: Path, quant: str = "Q8_0") -> Path:
+    """gguf/tiny-<quant>.gguf and a gguf/quality.json in which that quantization passed its limits."""
     path = run / "gguf" / f"tiny-{quant}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"GGUF")
+    gate = {"passed": True, "bytes": 4, "reasons": []}
+    (run / "gguf" / "quality.json").write_text(json.dumps({"passed": True, "reference": {"name": "F16", "bytes": 8},
+                                                           "formats": {quant: gate}, "failed": []}))
     return path
 
 

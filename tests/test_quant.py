@@ -58,6 +58,32 @@ def test_best_passing_prefers_the_smallest_passing_file():
     assert best_passing({"Q4_K_M": {"passed": False}}, "F16", {"Q4_K_M": 1, "F16": 4}) == "F16"
 
 
+def test_quality_report_records_failures_and_the_modelfile_never_serves_one():
+    from cpt_kit.export.quant_gate import quality_report, served_quant
+    from cpt_kit.recipe import Export
+
+    measured = {"reference": {"perplexity": 196.6, "tokens": 1000},
+                "quantized": {"Q4_K_M": {"perplexity": 640.0, "ppl_delta": 2.25, "mean_kl": 0.9},
+                              "Q5_K_M": {"perplexity": 200.0, "ppl_delta": 0.017, "mean_kl": 0.02},
+                              "Q8_0": {"perplexity": 197.0, "ppl_delta": 0.002, "mean_kl": 0.002}}}
+    files = {"F16": {"bytes": 40}, "Q4_K_M": {"bytes": 10, "fallback_tensors": 91, "fallback_of": 237},
+             "Q5_K_M": {"bytes": 15, "fallback_tensors": 0, "fallback_of": 237}, "Q8_0": {"bytes": 20}}
+    report = quality_report(Export(token_embedding_type=None, imatrix=False), "F16", measured, files)
+    assert not report["passed"] and report["failed"] == ["Q4_K_M"]
+    assert report["reference"] == {"name": "F16", "bytes": 40, "perplexity": 196.6, "tokens": 1000}
+    q4 = report["formats"]["Q4_K_M"]
+    assert (q4["bytes"], q4["fallback_tensors"], q4["fallback_of"]) == (10, 91, 237)
+    assert report["message"].startswith("Q4_K_M over its limit: perplexity +225.00%")
+    assert "export.token_embedding_type" in report["fix"] and "export.imatrix=True" in report["fix"]
+    assert served_quant("Q4_K_M", report) == "Q5_K_M"  # the smallest that passed
+    assert served_quant("Q8_0", report) == "Q8_0" and served_quant("F16", report) == "F16"
+    for gate in report["formats"].values():
+        gate["passed"] = False
+    assert served_quant("Q8_0", report) == "F16"
+    empty = quality_report(Export(), "F16", None, {"F16": {"bytes": 40}})
+    assert empty["passed"] and empty["formats"] == {} and served_quant("F16", empty) == "F16"
+
+
 # ---- on real GGUFs ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,10 @@ def write_heldout(run, model_dir, texts, block=64, n_blocks=6):
         "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[:4]), encoding="utf-8")
 
 
-def export_ggufs(model_dir, run):
-    from cpt_kit.export.gguf import convert_to_gguf, quantize_gguf
-
-    f16 = run / "gguf" / "tiny-F16.gguf"
-    convert_to_gguf(model_dir, f16, "f16")
-    for quant in QUANTS:
-        quantize_gguf(f16, run / "gguf" / f"tiny-{quant}.gguf", quant)
+def export_ggufs(run, recipe):
+    """The gguf stage: F16 + QUANTS from merged/, each quantization gated in gguf/quality.json."""
+    from cpt_kit.export import gguf_stage
+    return gguf_stage.run(context(recipe, run))
 
 
 def write_modelfile(run, recipe):
@@ -71,9 +68,9 @@ def exported_chatml(tiny_chatml, target_texts, tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("verify") / "run", tiny_chatml)
     assert json.loads((run / "merged" / "tokenizer_config.json").read_text())["legacy"] is True
     write_heldout(run, tiny_chatml, target_texts)
-    export_ggufs(tiny_chatml, run)
-    write_modelfile(run, Recipe(name="tiny", model=Model(base=str(tiny_chatml), max_seq_length=64),
-                                export=Export(quantizations=QUANTS)))
+    recipe = Recipe(name="tiny", model=Model(base=str(tiny_chatml), max_seq_length=64), export=Export(quantizations=QUANTS))
+    export_ggufs(run, recipe)
+    write_modelfile(run, recipe)
     return run
 
 
@@ -170,13 +167,18 @@ def test_verify_fails_when_gguf_has_another_tokenizer(exported_chatml, tiny_chat
 def test_verify_fails_when_perplexity_deviates(exported_chatml, tiny_chatml, tiny_recipe, general_texts, tmp_path):
     from cpt_kit.export import verify_stage
     from cpt_kit.export.gguf import convert_to_gguf
+    from cpt_kit.export.gguf_stage import gguf_files, measure_quality
+    from cpt_kit.rundir import RunDir
     from cpt_kit.tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", general_texts, chat_template="chatml", seed=1)  # same tokenizer
     run = copy_run(exported_chatml, tmp_path / "run")
     convert_to_gguf(other, run / "gguf" / "tiny-F16.gguf", "f16")
+    recipe = recipe_for(tiny_recipe, tiny_chatml)
+    files = gguf_files(RunDir(run), recipe)
+    measure_quality(context(recipe, run), files, {q: {"bytes": p.stat().st_size} for q, p in files.items()})
     with pytest.raises(VerificationError, match="perplexity: F16 differs from HF"):
-        verify_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+        verify_stage.run(context(recipe, run))
     report = json.loads((run / "verify.json").read_text())
     # the quantizations were made from the original model, so they are far from this F16 as well
     assert report["failed"] == ["perplexity", "quantizations"]
@@ -188,26 +190,57 @@ def _modelfile_from(run) -> str:
     return parse((run / "ollama" / "Modelfile").read_text()).from_
 
 
-def test_quant_over_its_limit_fails_verify_and_modelfile_moves_off_it(exported_chatml, tiny_chatml, tiny_recipe,
-                                                                      tmp_path):
+def test_quant_over_its_limit_is_recorded_skipped_by_the_modelfile_and_fails_verify(tiny_chatml, tiny_recipe,
+                                                                                     target_texts, tmp_path):
+    """gguf/quality.json records the failed quantization with its numbers, the Modelfile serves the smallest
+    one that passed, verify fails naming it with the numbers and the fix, and changes no other stage's files."""
     from cpt_kit.export import modelfile_stage, verify_stage
 
     recipe = recipe_for(tiny_recipe, tiny_chatml, modelfile_quant="Q4_K_M", quant_max_kl=("Q4_K_M=0.000001",))
-    run = copy_run(exported_chatml, tmp_path / "run")
-    modelfile_stage.run(context(recipe, run))
-    assert _modelfile_from(run) == "../gguf/tiny-Q4_K_M.gguf"
+    run = make_run(tmp_path / "run", tiny_chatml)
+    write_heldout(run, tiny_chatml, target_texts, n_blocks=3)
+    metrics = export_ggufs(run, recipe)
+    quality = json.loads((run / "gguf" / "quality.json").read_text())
+    assert metrics["quant_failed"] == quality["failed"] == ["Q4_K_M"] and not quality["passed"]
+    assert quality["blocks"] == 3 and quality["block_source"] == "heldout" and quality["reference"]["name"] == "F16"
+    q4, q8 = quality["formats"]["Q4_K_M"], quality["formats"]["Q8_0"]
+    assert q4["max_kl"] == 1e-6 and q4["mean_kl"] > 1e-6 and not q4["passed"] and q8["passed"]
+    assert q4["reasons"] == [f"mean KL divergence {q4['mean_kl']:.4f} (limit 1e-06)"]
+    assert q4["bytes"] == (run / "gguf" / "tiny-Q4_K_M.gguf").stat().st_size and q4["fallback_of"] > 0
+    assert "export.quantizations" in quality["fix"]
+
+    ctx = context(recipe, run)
+    mf_metrics = modelfile_stage.run(ctx)
+    assert _modelfile_from(run) == "../gguf/tiny-Q8_0.gguf"
+    assert mf_metrics["quant"] == "Q8_0" and mf_metrics["chosen_quant"] == "Q4_K_M"
+    assert "Q4_K_M failed its quality limits" in ctx.console.text and "FROM uses Q8_0" in ctx.console.text
+    modelfile_bytes = (run / "ollama" / "Modelfile").read_bytes()
     with pytest.raises(VerificationError) as info:
         verify_stage.run(context(recipe, run))
     assert "Q4_K_M over its limit: mean KL divergence" in info.value.message and "limit 1e-06" in info.value.message
-    assert "ollama/Modelfile now uses Q8_0" in info.value.message
+    assert "ollama/Modelfile serves Q8_0" in info.value.message
     assert "export.quantizations" in info.value.hint and 'export.quant_max_kl=("Q4_K_M=...",)' in info.value.hint
     report = json.loads((run / "verify.json").read_text())
     assert report["failed"] == ["quantizations"]
     gate = report["checks"]["quantizations"]
     assert gate["failed"] == ["Q4_K_M"] and gate["modelfile_quant"] == "Q8_0"
-    assert gate["formats"]["Q8_0"]["passed"] and gate["formats"]["Q4_K_M"]["max_kl"] == 1e-6
-    assert _modelfile_from(run) == "../gguf/tiny-Q8_0.gguf"
-    assert "TEMPLATE" in (run / "ollama" / "Modelfile").read_text()  # the rest of the Modelfile is kept
+    assert gate["formats"]["Q4_K_M"]["mean_kl"] == q4["mean_kl"]
+    assert (run / "ollama" / "Modelfile").read_bytes() == modelfile_bytes  # verify writes only verify.json
+
+
+def test_modelfile_serves_the_unquantized_gguf_when_every_quant_failed(exported_chatml, tiny_chatml, tiny_recipe,
+                                                                       tmp_path):
+    from cpt_kit.export import modelfile_stage
+
+    run = copy_run(exported_chatml, tmp_path / "run")
+    quality_file = run / "gguf" / "quality.json"
+    quality = json.loads(quality_file.read_text())
+    for gate in quality["formats"].values():
+        gate["passed"] = False
+    quality["failed"] = list(quality["formats"])
+    quality_file.write_text(json.dumps(quality))
+    modelfile_stage.run(context(recipe_for(tiny_recipe, tiny_chatml), run))
+    assert _modelfile_from(run) == "../gguf/tiny-F16.gguf"
 
 
 def test_verify_flags_special_token_spacing(exported_chatml, tiny_chatml, tiny_recipe, tmp_path):
@@ -234,7 +267,7 @@ def test_verify_base_model_without_chat_template(tiny_base, tiny_recipe, target_
 
     run = make_run(tmp_path / "run", tiny_base)
     write_heldout(run, tiny_base, target_texts, n_blocks=3)
-    export_ggufs(tiny_base, run)
+    export_ggufs(run, recipe_for(tiny_recipe, tiny_base))
     write_modelfile(run, recipe_for(tiny_recipe, tiny_base))
     metrics = verify_stage.run(context(recipe_for(tiny_recipe, tiny_base), run))
     report = json.loads((run / "verify.json").read_text())
@@ -290,8 +323,8 @@ def verify_chat_model(model_dir, target_texts, tiny_recipe, tmp_path, eos: str, 
 
     run = make_run(tmp_path / "run", model_dir)
     write_heldout(run, model_dir, target_texts, n_blocks=3)
-    export_ggufs(model_dir, run)
     recipe = recipe_for(tiny_recipe, model_dir)
+    export_ggufs(run, recipe)
     mf = write_modelfile(run, recipe)
     assert mf.params("stop") == [eos]
     metrics = verify_stage.run(context(recipe, run))
@@ -315,3 +348,35 @@ def test_control_tokens_must_be_single_gguf_control_tokens(exported_chatml, tiny
     gguf = exported_chatml / "gguf" / "tiny-Q8_0.gguf"
     split = verify.check_control_tokens(gguf, ["<|im_end|>", "<|eot_id|>"])  # not in this vocabulary
     assert not split["passed"] and len(split["tokens"]["<|eot_id|>"]["ids"]) > 1
+
+
+def test_failed_quant_run_settles_a_rerun_redoes_nothing_before_verify(tiny_recipe, tmp_path):
+    """The whole pipeline with a quantization over its limit: the run fails in verify, and running the same
+    recipe again finds every stage up to modelfile done with its outputs intact (verify no longer rewrites
+    the Modelfile, which made the modelfile stage redo itself and verify move FROM again on every rerun)."""
+    from stage_helpers import quiet_console
+
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.pipeline import make_plan, run_pipeline
+    from cpt_kit.recipe import Export
+    from cpt_kit.rundir import RunDir
+
+    recipe = tiny_recipe(export=Export(quantizations=QUANTS, modelfile_quant="Q4_K_M",
+                                       quant_max_kl=("Q4_K_M=0.000001",)))
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(VerificationError, match="Q4_K_M over its limit"):
+        run_pipeline(recipe, run, quiet_console())
+    assert _modelfile_from(run.root) == "../gguf/tiny-Q8_0.gguf"
+    modelfile_bytes = (run.ollama / "Modelfile").read_bytes()
+
+    def planned(until=None):
+        plan = make_plan(recipe, run, Manifest.load(run.manifest), quiet_console(), until=until)
+        return {s.stage.name: s.reasons for s in plan.steps if s.action == "run"}
+
+    assert planned("modelfile") == {}
+    # verify failed and the report never ran: nothing else is redone
+    assert planned() == {"verify": ["failed last time"], "report": ["not run yet"]}
+    with pytest.raises(VerificationError, match="Q4_K_M over its limit"):
+        run_pipeline(recipe, run, quiet_console())
+    assert (run.ollama / "Modelfile").read_bytes() == modelfile_bytes
+    assert planned("modelfile") == {}

@@ -2,15 +2,52 @@
 
 Quality levers from the recipe's Export section: token_embd/output tensor types for every
 quantization, and (export.imatrix) an importance matrix computed from the run's training text,
-`gguf/imatrix.gguf`, used for every quantization below 8 bits."""
+`gguf/imatrix.gguf`, used for every quantization below 8 bits.
+
+Every quantization is then measured against the unquantized GGUF (perplexity change, mean KL divergence)
+on the blocks verify uses, gated by its limits, and the result written to `gguf/quality.json`, which the
+modelfile stage (which file to serve) and verify (pass/fail) read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
-from cpt_kit.run_files import gguf_files
+from cpt_kit.run_files import gguf_files, quality_path
 from cpt_kit.rundir import RunDir
+
+
+def measure_quality(ctx, files: dict[str, Path], produced: dict[str, dict]) -> dict:
+    """Gate every quantization in `files` against the unquantized GGUF on the comparison blocks and
+    write gguf/quality.json; `produced` is this stage's record per file (bytes, fallback tensors)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export.comparison_blocks import comparison_blocks
+    from cpt_kit.export.quant_gate import quality_report
+    from cpt_kit.export.quant_quality import compare_to_reference
+    from cpt_kit.progress import progress
+    from cpt_kit.run_files import tokenizer_dir
+    from cpt_kit.rundir import atomic_write_json
+
+    recipe, run_dir = ctx.recipe, ctx.run
+    reference = recipe.export.outtype.upper()
+    quantized = {q: p for q, p in files.items() if q != reference}
+    measured, blocks, source = None, [], None
+    if quantized:
+        blocks, source = comparison_blocks(run_dir, recipe, AutoTokenizer.from_pretrained(tokenizer_dir(run_dir)))
+        with progress(ctx.console, f"quantization quality vs {reference}", None, heartbeat=True):
+            measured = compare_to_reference(files[reference], quantized, blocks, max(1, torch.get_num_threads()))
+    report = quality_report(recipe.export, reference, measured, produced)
+    report.update(blocks=len(blocks), block_source=source)
+    for quant, result in report["formats"].items():
+        status = "ok" if result["passed"] else "FAILED: " + "; ".join(result["reasons"])
+        ctx.log(f"{quant}: {result['bytes'] / 2**20:.1f} MiB, perplexity {result['ppl_delta']:+.2%} vs {reference}, "
+                f"mean KL {result['mean_kl']:.4f}, same top token {result['same_top_token']:.1%} ({status})")
+    if report["failed"]:
+        ctx.log(f"fix: {report['fix']}")
+    atomic_write_json(quality_path(run_dir), report)
+    return report
 
 
 def input_fingerprint(ctx) -> dict:
@@ -98,7 +135,12 @@ def run(ctx) -> dict:
         metrics[f"{quant}_mib"] = round(files_metrics[quant]["bytes"] / 2**20, 2)
         metrics[f"{quant}_fallback"] = f"{files_metrics[quant]['fallback_tensors']} of {files_metrics[quant]['fallback_of']}"
     metrics[f"{outtype}_mib"] = round(base["bytes"] / 2**20, 2)
-    metrics["headline"] = [f"{outtype}_mib"] + [f"{q}_mib" for q in quants]
+    quality = measure_quality(ctx, files, files_metrics)
+    metrics["quant_failed"] = quality["failed"]
+    for quant, result in quality["formats"].items():
+        metrics[f"{quant}_ppl_delta"] = round(result["ppl_delta"], 5)
+        metrics[f"{quant}_kl"] = round(result["mean_kl"], 5)
+    metrics["headline"] = [f"{outtype}_mib"] + [f"{q}_mib" for q in quants] + ["quant_failed"]
     return metrics
 
 

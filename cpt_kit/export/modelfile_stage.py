@@ -1,5 +1,8 @@
 """The modelfile stage: `ollama/Modelfile` (FROM the chosen GGUF by relative path, TEMPLATE, stops,
-SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollama create` if possible."""
+SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollama create` if possible.
+
+FROM is the recipe's quantization when it passed its quality limits (gguf/quality.json, written by the
+gguf stage), else the smallest quantization that passed, else the unquantized GGUF: never a failed one."""
 
 from __future__ import annotations
 
@@ -54,12 +57,18 @@ def build_modelfile(recipe, run: RunDir, tokenizer, from_path: str):
 def run(ctx) -> dict:
     from transformers import AutoTokenizer
 
-    from cpt_kit.run_files import gguf_path
+    from cpt_kit.run_files import gguf_path, read_quality
     from cpt_kit.export.modelfile import render
     from cpt_kit.export.ollama import publish
+    from cpt_kit.export.quant_gate import served_quant
 
     recipe, run_dir = ctx.recipe, ctx.run
-    quant = chosen_quant(recipe)
+    chosen = chosen_quant(recipe)
+    quality = read_quality(run_dir)
+    quant = served_quant(chosen, quality)
+    if quant != chosen:
+        reasons = "; ".join(quality["formats"].get(chosen, {}).get("reasons", [])) or "not gated"
+        ctx.log(f"{chosen} failed its quality limits ({reasons}): FROM uses {quant} instead (gguf/quality.json)")
     gguf = gguf_path(run_dir, recipe.name, quant)
     if not gguf.is_file():
         raise ExportError(f"{gguf} does not exist", where="export.modelfile_quant",
@@ -73,6 +82,7 @@ def run(ctx) -> dict:
         ctx.log(f"note: {note}")
     ctx.log(f"{path}: FROM {from_path}, template {info.family}, stops {[v for k, v in mf.parameters if k == 'stop']}")
     metrics = {"modelfile": str(path.relative_to(run_dir.root)), "from": from_path, "quant": quant,
+               "chosen_quant": chosen, "quant_fallback": f"{chosen} failed its quality limits" if quant != chosen else None,
                "template_family": info.family, "stops": mf.params("stop"),
                "system_source": "recipe" if recipe.export.modelfile.system is not None
                else "sft.system_prompt" if trained_system_prompt(recipe)

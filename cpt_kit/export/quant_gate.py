@@ -7,14 +7,16 @@ quantizers give a small model when the quality levers are on (token_embd/output 
 importance matrix) with room for a still-undertrained model, and fail the collapse seen without them
 (a 270M model's Q4_K_M at +225% perplexity). A recipe overrides them per quantization with
 `export.quant_max_ppl_delta` / `export.quant_max_kl` items such as "Q4_K_M=0.3" or "Q4_K_M=none".
+
+The gguf stage gates every quantization right after making it and writes gguf/quality.json
+(`quality_report`); the modelfile stage serves `served_quant` (never a failed quantization); verify
+fails the run on any failed quantization, with the numbers and `fix_hint`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 from typing import Optional
 
 # quantization -> (max perplexity increase as a share, max mean KL divergence in nats/token)
@@ -96,52 +98,30 @@ def best_passing(gates: dict[str, dict], reference: str, sizes: dict[str, int]) 
     return min(passing, key=lambda q: sizes[q]) if passing else reference
 
 
-def repoint_modelfile(modelfile: Path, gguf: Path) -> str:
-    """Rewrite `modelfile`'s FROM to `gguf` (relative path), keeping every other command; returns the new FROM."""
-    from cpt_kit.export.modelfile import parse, render
-    from cpt_kit.rundir import atomic_write_text
+def quality_report(export, reference: str, measured: dict | None, files: dict[str, dict]) -> dict:
+    """The contents of gguf/quality.json: per quantization its size, fallback tensors, perplexity change and
+    mean KL vs `reference` with its limits, `passed` and the reasons; the failed ones and what to do.
 
-    parsed = parse(modelfile.read_text(encoding="utf-8"))
-    parsed.from_ = Path(os.path.relpath(gguf, modelfile.parent)).as_posix()
-    atomic_write_text(modelfile, render(parsed))
-    return parsed.from_
-
-
-def check_quantizations(ctx, files: dict[str, Path], reference: str, quality: dict[str, dict]) -> dict:
-    """The verify check over every quantization: gate each one, report size / perplexity change / KL /
-    fallback count, and when the Modelfile's quantization failed, point the Modelfile at the smallest
-    one that passed (the unquantized GGUF if none did) so it never serves a failed quantization."""
-    from cpt_kit.export.modelfile_stage import ollama_name
-    from cpt_kit.run_files import chosen_quant
-    from cpt_kit.export.ollama import publish
-
-    recipe, run = ctx.recipe, ctx.run
-    sizes = {name: path.stat().st_size for name, path in files.items()}
-    produced = ctx.manifest.metrics("gguf").get("files", {})
-    gates = gate(recipe.export, quality)
+    `measured` is compare_to_reference's result (None when there is nothing quantized); `files` is the
+    gguf stage's record per GGUF ("bytes", and for quantizations "fallback_tensors", "fallback_of")."""
+    gates = gate(export, measured["quantized"]) if measured else {}
     for quant, result in gates.items():
-        result["bytes"] = sizes[quant]
-        result["fallback_tensors"] = produced.get(quant, {}).get("fallback_tensors")
-        result["fallback_of"] = produced.get(quant, {}).get("fallback_of")
-        status = "ok" if result["passed"] else "FAILED: " + "; ".join(result["reasons"])
-        ctx.log(f"{quant}: {sizes[quant] / 2**20:.1f} MiB, perplexity {result['ppl_delta']:+.2%} vs {reference}, "
-                f"mean KL {result['mean_kl']:.4f}, same top token {result['same_top_token']:.1%} ({status})")
+        result.update(bytes=files[quant]["bytes"], fallback_tensors=files[quant].get("fallback_tensors"),
+                      fallback_of=files[quant].get("fallback_of"))
     failed = [q for q, g in gates.items() if not g["passed"]]
-    chosen = chosen_quant(recipe)
-    check = {"passed": not failed, "reference": reference, "formats": gates, "failed": failed, "modelfile_quant": chosen}
-    if not failed:
-        return check
-    check["fix"] = fix_hint(recipe.export, failed)
-    check["message"] = "; ".join(f"{q} over its limit: " + ", ".join(gates[q]["reasons"]) for q in failed)
-    modelfile = run.ollama / "Modelfile"
-    if chosen in failed:
-        fallback = best_passing(gates, reference, sizes)
-        check["modelfile_quant"] = fallback
-        if modelfile.is_file():
-            new_from = repoint_modelfile(modelfile, files[fallback])
-            check["message"] += f"; ollama/Modelfile now uses {fallback} ({new_from}) instead of {chosen}"
-            ctx.log(f"ollama/Modelfile: FROM {new_from} ({chosen} failed its quality limits)")
-            if ctx.manifest.metrics("modelfile").get("ollama") == "created":
-                prompt = recipe.eval.prompts[0] if recipe.eval.prompts else "Hello"
-                publish(modelfile, ollama_name(recipe.name), prompt, ctx.log)
-    return check
+    report = {"passed": not failed, "reference": {"name": reference, "bytes": files[reference]["bytes"],
+                                                  **(measured["reference"] if measured else {})},
+              "formats": gates, "failed": failed}
+    if failed:
+        report["fix"] = fix_hint(export, failed)
+        report["message"] = "; ".join(f"{q} over its limit: " + ", ".join(gates[q]["reasons"]) for q in failed)
+    return report
+
+
+def served_quant(chosen: str, report: dict) -> str:
+    """What the Modelfile serves: `chosen` when it passed (or is the unquantized reference), else the smallest
+    quantization that passed, else the reference. Never a quantization that failed."""
+    gates, reference = report["formats"], report["reference"]["name"]
+    if chosen == reference or chosen not in gates or gates[chosen]["passed"]:
+        return chosen  # (one the gguf stage did not make: the modelfile stage says so)
+    return best_passing(gates, reference, {q: g["bytes"] for q, g in gates.items()})

@@ -7,7 +7,8 @@
   every GGUF (`cpt_kit.perplexity`, chunked over the sequence), with token counts and 95%
   intervals; F16 must be within max_f16_ppl_delta.
 - quantizations: each quantized GGUF's KL divergence and perplexity change vs the F16 GGUF within its
-  own limits (`quant_quality`, `quant_gate`).
+  own limits, as the gguf stage measured and gated them (`gguf/quality.json`; `quant_quality`,
+  `quant_gate`); verify_stage reads that file.
 - chat_template (chat models): the Modelfile TEMPLATE, rendered by Go's text/template as Ollama does
   (SYSTEM prepended), gives the same prompt as the tokenizer's chat template on several
   conversations; skipped, and said so, without a Go toolchain.

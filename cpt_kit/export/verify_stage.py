@@ -10,27 +10,6 @@ import math
 from cpt_kit.errors import VerificationError
 from cpt_kit.rundir import atomic_write_json
 
-MAX_BLOCKS = 32
-"""At most this many held-out blocks (also bounded by eval.max_blocks): llama.cpp evaluates each per format."""
-
-
-def heldout_blocks(run, limit: int | None) -> list[list[int]]:
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(run.data / "heldout"))
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return [list(map(int, row)) for row in dataset.select(range(n))["input_ids"]]
-
-
-def probe_blocks(tokenizer, texts: list[str], length: int, limit: int) -> list[list[int]]:
-    """Blocks cut from the probe texts, for runs without held-out data (`cpt-kit export --adapter`)."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    length = max(8, min(length, len(ids)))
-    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:limit]
-
-
 def written_modelfile(run_dir):
     """ollama/Modelfile as Ollama reads it (TEMPLATE, SYSTEM, the stops): what verify checks."""
     from cpt_kit.export.modelfile import parse
@@ -55,17 +34,32 @@ def stop_prompt_messages(run, fine_tuned: bool) -> list[dict]:
     return [{"role": "user", "content": "Saluton! Kiel vi fartas?"}]
 
 
+def check_quantizations(ctx, served: str | None) -> dict:
+    """The "quantizations" check: gguf/quality.json as the gguf stage wrote it (any quantization over its
+    limits fails it, with the numbers and the fix), and which GGUF ollama/Modelfile serves."""
+    from cpt_kit.run_files import read_quality
+
+    check = read_quality(ctx.run)
+    check["modelfile_quant"] = served
+    reference = check["reference"]["name"]
+    for quant, gate in check["formats"].items():
+        ctx.log(f"{quant}: perplexity {gate['ppl_delta']:+.2%} vs {reference}, mean KL {gate['mean_kl']:.4f} "
+                + ("(ok)" if gate["passed"] else "(FAILED: " + "; ".join(gate["reasons"]) + ")"))
+    if check["failed"]:  # the modelfile stage never serves a failed quantization; a hand-edited FROM may
+        check["message"] += f"; ollama/Modelfile serves {served}" + (" (failed)" if served in check["failed"] else "")
+    return check
+
+
 def run(ctx) -> dict:
     import torch
     from transformers import AutoTokenizer
 
     from cpt_kit.export import verify
     from cpt_kit.export.chat_template import COMPLETION_TEMPLATE, expected_prompt, jinja_text
-    from cpt_kit.export.quant_gate import check_quantizations
-    from cpt_kit.export.quant_quality import compare_to_reference
+    from cpt_kit.export.comparison_blocks import comparison_blocks
     from cpt_kit.perplexity import FEW_BLOCKS, gguf_scores, hf_scores, load_scoring_model
     from cpt_kit.progress import progress
-    from cpt_kit.run_files import chosen_quant, gguf_files, heldout_texts, tokenizer_dir
+    from cpt_kit.run_files import gguf_files, heldout_texts, tokenizer_dir
 
     recipe, run_dir = ctx.recipe, ctx.run
     files = gguf_files(run_dir, recipe)
@@ -84,11 +78,8 @@ def run(ctx) -> dict:
     ctx.log(f"tokenizer: {checks['tokenizer']['texts'] - checks['tokenizer']['mismatched']}/"
             f"{checks['tokenizer']['texts']} probe texts give identical ids")
 
-    limit = min(MAX_BLOCKS, recipe.eval.max_blocks or MAX_BLOCKS)
-    if (run_dir.data / "heldout").is_dir():
-        blocks, block_source = heldout_blocks(run_dir, limit), "heldout"
-    else:
-        blocks, block_source = probe_blocks(tokenizer, texts, min(recipe.model.max_seq_length, 128), limit), "probe_texts"
+    blocks, block_source = comparison_blocks(run_dir, recipe, tokenizer)
+    if block_source == "probe_texts":
         ctx.log("no held-out data in this run: perplexity is compared on the probe texts")
     model = load_scoring_model(run_dir.merged)
     with progress(ctx.console, "perplexity HF", len(blocks), unit="blocks") as bar:
@@ -107,13 +98,10 @@ def run(ctx) -> dict:
         f"{n} {f['perplexity']:.4g} ({f['delta']:+.3%}" + (f" [{f['delta_ci95'][0]:+.3%}, {f['delta_ci95'][1]:+.3%}])"
                                                            if f["delta_ci95"] else ")")
         for n, f in checks["perplexity"]["formats"].items()))
-    quantized = {q: p for q, p in files.items() if q != reference}
-    if quantized:
-        with progress(ctx.console, "quantization KL vs " + reference, None, heartbeat=True):
-            quality = compare_to_reference(files[reference], quantized, blocks, threads)
-        checks["quantizations"] = check_quantizations(ctx, files, reference, quality["quantized"])
-
     modelfile = written_modelfile(run_dir)
+    served = next((q for q, p in files.items() if p.resolve() == (run_dir.ollama / modelfile.from_).resolve()), None)
+    if any(q != reference for q in files):
+        checks["quantizations"] = check_quantizations(ctx, served)
     template = jinja_text(tokenizer)
     if template and modelfile.template not in (None, COMPLETION_TEMPLATE):
         checks["chat_template"] = verify.check_chat_template(tokenizer, modelfile.template, modelfile.system)
@@ -124,7 +112,6 @@ def run(ctx) -> dict:
                     f"conversations {'identically' if checks['chat_template']['passed'] else 'DIFFERENTLY'}")
         fine_tuned = recipe.train.objective == "sft"
         prompt = expected_prompt(tokenizer, stop_prompt_messages(run_dir, fine_tuned), modelfile.system)
-        served = checks.get("quantizations", {}).get("modelfile_quant", chosen_quant(recipe))
         chosen = files.get(served, files[reference])
         stops = modelfile.params("stop")
         controls = [t for t in tokenizer.all_special_tokens if t and t in template]
