@@ -167,7 +167,8 @@ def test_verify_fails_when_gguf_has_another_tokenizer(exported_chatml, tiny_chat
 def test_verify_fails_when_perplexity_deviates(exported_chatml, tiny_chatml, tiny_recipe, general_texts, tmp_path):
     from cpt_kit.export import verify_stage
     from cpt_kit.export.gguf import convert_to_gguf
-    from cpt_kit.export.gguf_stage import gguf_files, measure_quality
+    from cpt_kit.export.gguf_stage import measure_quality
+    from cpt_kit.run_files import gguf_files
     from cpt_kit.rundir import RunDir
     from cpt_kit.tiny_model import build_tiny_model
 
