@@ -102,7 +102,8 @@ def read_quality(run: RunDir) -> dict[str, Any]:
 
 
 def chosen_quant(recipe) -> str:
-    """The GGUF the Modelfile's FROM points to: export.modelfile_quant, else the first quantization."""
+    """The GGUF the recipe wants the Modelfile to serve: export.modelfile_quant, else the first quantization
+    (the modelfile stage serves another when this one failed its limits in gguf/quality.json)."""
     export = recipe.export
     return (export.modelfile_quant or (export.quantizations[0] if export.quantizations else export.outtype)).upper()
 

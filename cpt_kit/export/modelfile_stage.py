@@ -82,7 +82,8 @@ def run(ctx) -> dict:
         ctx.log(f"note: {note}")
     ctx.log(f"{path}: FROM {from_path}, template {info.family}, stops {[v for k, v in mf.parameters if k == 'stop']}")
     metrics = {"modelfile": str(path.relative_to(run_dir.root)), "from": from_path, "quant": quant,
-               "chosen_quant": chosen, "quant_fallback": f"{chosen} failed its quality limits" if quant != chosen else None,
+               "chosen_quant": chosen,
+               "quant_fallback": f"{chosen} failed its quality limits" if quant != chosen else None,
                "template_family": info.family, "stops": mf.params("stop"),
                "system_source": "recipe" if recipe.export.modelfile.system is not None
                else "sft.system_prompt" if trained_system_prompt(recipe)
