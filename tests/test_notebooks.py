@@ -40,7 +40,7 @@ def _printed(nb: dict) -> str:
 
 
 @pytest.mark.slow
-def test_cpt_notebooks_run_headless(tmp_path):
+def test_notebooks_run_headless(tmp_path):
     run = tmp_path / "language-run"
     common = dict(RECIPE="recipes/demo.py", OUTPUT_DIR=str(run), INSTALL=False, UPLOAD_CORPUS=False, PLAN_GPU="cpu")
     language = _printed(_execute("language.ipynb", tmp_path, OVERRIDES=FAST, **common))
@@ -49,3 +49,11 @@ def test_cpt_notebooks_run_headless(tmp_path):
     # the domain notebook on the same run: finished stages are skipped, every cell still runs
     domain = _printed(_execute("domain.ipynb", tmp_path, OVERRIDES=FAST, **common))
     assert "skipped" in domain or "done already" in domain
+    # the SFT notebook from that CPT run (the seeds' flow), through the merge
+    chat = tmp_path / "chat-run"
+    sft = _printed(_execute("mental_health.ipynb", tmp_path, RECIPE="recipes/demo_chat.py", OUTPUT_DIR=str(chat),
+                            OVERRIDES=[f"model.base={run}", "train.max_steps=8"], UNTIL="merge", INSTALL=False,
+                            UPLOAD_CORPUS=False, PLAN_GPU="cpu"))
+    assert "no Modelfile yet" in sft and (chat / "merged" / "config.json").is_file()
+    lineage = json.loads((chat / "manifest.json").read_text())["lineage"]
+    assert lineage[-1]["recipe"] == "demo" and (chat / "report.md").is_file()
