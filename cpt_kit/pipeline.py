@@ -71,8 +71,12 @@ STAGE_TABLE: tuple[Stage, ...] = (
                  "eval.max_blocks", "model.max_seq_length", "train.objective"),
           # a quantization over its limit rewrites ollama/Modelfile's FROM (the modelfile stage redoes it on the next run)
           inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl", "ollama"), outputs=("verify.json",)),
+    Stage("safety", "cpt_kit.safety.stage",
+          reads=(*GGUF_NAMES, "export.modelfile_quant", "model.max_seq_length", "train.objective", "safety"),
+          inputs=("merged", "gguf", "ollama", "data/tokenizer"), outputs=("safety.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files
-    Stage("report", "cpt_kit.report", inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "ollama"),
+    Stage("report", "cpt_kit.report",
+          inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "safety.json", "ollama"),
           outputs=("report.md", "report.html", "report")),
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)

@@ -214,7 +214,7 @@ def _data(facts: Facts, has_plot: bool) -> list[Block]:
 
 
 def _safety(facts: Facts, has_plot: bool) -> list[Block]:
-    if not facts.safety:
+    if not facts.safety or not facts.safety.get("ran", True):  # {"ran": false}: a recipe without a probe
         return []
     rates = facts.safety.get("pass_rates", {})
     rows = []

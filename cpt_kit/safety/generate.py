@@ -1,0 +1,84 @@
+"""Greedy answers to the probes from the trained HF model and from the exported GGUF.
+
+The GGUF gets the prompt Ollama would build from the run's Modelfile: its SYSTEM as a system
+message before the user's message, rendered with the chat template, no BOS in the text (the
+runner adds it when the GGUF says so), special tokens parsed, generation stopped on the
+end-of-generation tokens and every `PARAMETER stop` string. Decoding is greedy (not the
+Modelfile's sampling settings) so the result is reproducible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def conversation(system: Optional[str], user: str) -> list[dict]:
+    """The messages of an Ollama chat request with one user message: SYSTEM first when there is one."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The rendered prompt without a leading BOS (Ollama's prompt text has none; the tokenizer adds it)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]
+    return text
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut] if cut >= 0 else text).strip()
+
+
+def hf_answers(model_dir: Path, tokenizer, prompts: list[str], stops: Sequence[str], max_new_tokens: int,
+               batch_size: int = 8) -> list[str]:
+    """Greedy answers of the HF model (left-padded batches), cut at the first stop string."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    stop_ids = sorted({tokenizer.convert_tokens_to_ids(s) for s in stops
+                       if s in tokenizer.get_vocab()} | ({tokenizer.eos_token_id} - {None}))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     eos_token_id=stop_ids, pad_token_id=pad_id)
+            for row in out[:, batch["input_ids"].shape[1]:]:
+                answers.append(cut_at_stops(tokenizer.decode(row, skip_special_tokens=True), stops))
+    finally:
+        tokenizer.padding_side = side
+    del model
+    return answers
+
+
+def gguf_answers(gguf: Path, prompts: list[str], stops: Sequence[str], max_new_tokens: int, n_ctx: int,
+                 n_threads: Optional[int] = None) -> list[dict]:
+    """Greedy answers of the GGUF through llama.cpp in a context of `n_ctx` tokens (the Modelfile's
+    num_ctx, what Ollama allocates): {"answer", "finish_reason", "tokens"} per prompt."""
+    from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from cpt_kit.export.verify import gguf_add_bos
+
+    with suppress_stdout_stderr(disable=False):  # context-size notes llama.cpp prints even with verbose=False
+        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    add_bos = gguf_add_bos(llm)
+    results = []
+    for text in prompts:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        llm.reset()
+        done = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                     repeat_penalty=1.0, stop=[s for s in stops if s] or None)
+        choice = done["choices"][0]
+        results.append({"answer": cut_at_stops(choice["text"], stops), "finish_reason": choice["finish_reason"],
+                        "tokens": done["usage"]["completion_tokens"]})
+    del llm
+    return results
