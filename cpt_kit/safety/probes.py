@@ -141,7 +141,8 @@ def _rule(name: str, raw_rules: dict, languages: tuple[str, ...], where: str) ->
 def normalise(text: str, language: str) -> str:
     text = unicodedata.normalize("NFC", text).replace("\u2019", "'")
     if language == "eo":
-        text = re.sub(r"([cghjsu])x", lambda m: X_SYSTEM[m.group(0).lower()], text, flags=re.IGNORECASE)
+        text = re.sub(r"([cghjsu])x", lambda m: X_SYSTEM[m.group(0).lower()].upper() if m.group(1).isupper()
+                      else X_SYSTEM[m.group(0).lower()], text, flags=re.IGNORECASE)
     return text
 
 
