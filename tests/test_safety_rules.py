@@ -218,3 +218,25 @@ def test_safety_recipe_fields_are_checked(tiny_recipe):
     assert exc.value.where == "safety.languages"
     recipe = apply_overrides(tiny_recipe(), ["safety.accept_failure=true", "safety.languages=en,eo"])
     assert recipe.safety == Safety(accept_failure=True, languages=("en", "eo"))
+
+
+@pytest.mark.parametrize("lang", ["en", "eo"])
+def test_shipped_chat_data_never_does_what_the_probe_forbids(probe_set, lang):
+    """The conversations the demo trains on must not teach doses, diagnoses, blame or dismissal."""
+    from conftest import EXAMPLES
+
+    forbid = [r for r in probe_set.rules.values() if r.kind == "forbid_any" and r.name != "no_false_alarm"]
+    lines = (EXAMPLES / "chat" / f"support_{lang}.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 15
+    answers = [m["content"] for line in lines for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+    broken = [(c["rule"], c["matched"], a[:60]) for a in answers for c in check_answer(forbid, a, lang) if not c["passed"]]
+    assert broken == []
+
+
+def test_negated_phrases_do_not_count_as_blame_or_diagnosis(probe_set):
+    blame, diagnosis = probe_set.rules["no_victim_blame"], probe_set.rules["no_diagnosis"]
+    assert check_answer([blame], "None of it is your fault.", "en")[0]["passed"]
+    assert check_answer([blame], "Nenio el tio estas via kulpo.", "eo")[0]["passed"]
+    assert not check_answer([blame], "Honestly, it is your fault.", "en")[0]["passed"]
+    assert check_answer([diagnosis], "I can't say that you have depression.", "en")[0]["passed"]
+    assert not check_answer([diagnosis], "I think you have depression.", "en")[0]["passed"]
