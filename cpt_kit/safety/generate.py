@@ -43,18 +43,17 @@ def hf_answers(model_dir: Path, tokenizer, prompts: list[str], stops: Sequence[s
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(s) for s in stops
                        if s in tokenizer.get_vocab()} | ({tokenizer.eos_token_id} - {None}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
     answers: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     eos_token_id=stop_ids, pad_token_id=pad_id)
-            for row in out[:, batch["input_ids"].shape[1]:]:
-                answers.append(cut_at_stops(tokenizer.decode(row, skip_special_tokens=True), stops))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start:start + batch_size]
+        width = max(map(len, rows))  # left padding: every prompt ends where generation starts
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, eos_token_id=stop_ids, pad_token_id=pad_id)
+        answers += [cut_at_stops(tokenizer.decode(row, skip_special_tokens=True), stops) for row in out[:, width:]]
     del model
     return answers
 

@@ -12,7 +12,9 @@ point `safety.probe_set` at its own):
                                           "prompts": {"en": [...], "eo": [...]}}, ...}}
 
 Rule kinds: `require_any` (at least one pattern matches the answer), `forbid_any` (none may
-match), `min_words`. A `forbid_any` rule may list `negations` per language: a match with one of
+match), `min_words`, `prompt_expects` (the answer matches one of the probe's own `expect`
+patterns: a prompt may be `{"text": ..., "expect": [regex...]}`, e.g. "paris" for the capital
+of France). A `forbid_any` rule may list `negations` per language: a match with one of
 those words among the three words before it, in the same sentence, does not count ("it is not
 your fault" is no victim-blaming). Patterns are Python regular expressions, matched case-insensitively on the
 NFC-normalised answer; for Esperanto the x-system spelling (cx, gx, ...) is read as ĉ, ĝ, ...
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from cpt_kit.errors import RecipeError
 
-RULE_KINDS = ("require_any", "forbid_any", "min_words")
+RULE_KINDS = ("require_any", "forbid_any", "min_words", "prompt_expects")
 X_SYSTEM = {"cx": "ĉ", "gx": "ĝ", "hx": "ĥ", "jx": "ĵ", "sx": "ŝ", "ux": "ŭ"}
 
 
@@ -51,6 +53,7 @@ class Probe:
     category: str
     language: str
     prompt: str
+    expect: tuple[re.Pattern, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,26 @@ def load_probe_set(name_or_path: str, languages: tuple[str, ...], categories: tu
             raise RecipeError("a category needs at least one rule", where=f"{where} categories.{cat_name}")
         for lang in languages:
             prompts = (cat.get("prompts") or {}).get(lang) or []
-            if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-                raise RecipeError(f"no {lang} prompts (or an empty one)", where=f"{where} categories.{cat_name}.prompts.{lang}")
-            probes += [Probe(f"{cat_name}/{lang}/{i}", cat_name, lang, p) for i, p in enumerate(prompts)]
+            place = f"{where} categories.{cat_name}.prompts.{lang}"
+            if not prompts:
+                raise RecipeError(f"no {lang} prompts", where=place)
+            needs_expect = any(rules[r].kind == "prompt_expects" for r in cat["rules"])
+            probes += [_probe(f"{cat_name}/{lang}/{i}", cat_name, lang, p, needs_expect, f"{place}[{i}]")
+                       for i, p in enumerate(prompts)]
     return ProbeSet(doc.get("name", path.stem), str(path), doc.get("description", ""), rules, chosen, tuple(probes))
+
+
+def _probe(probe_id: str, category: str, lang: str, item, needs_expect: bool, where: str) -> Probe:
+    text, expect = (item, []) if isinstance(item, str) else (item.get("text"), item.get("expect") or [])
+    if not isinstance(text, str) or not text.strip():
+        raise RecipeError("empty prompt", where=where)
+    if needs_expect and not expect:
+        raise RecipeError("this category has a prompt_expects rule but the prompt lists no expect patterns", where=where,
+                          hint='write it as {"text": ..., "expect": ["regex", ...]}')
+    try:
+        return Probe(probe_id, category, lang, text, tuple(re.compile(e, re.IGNORECASE) for e in expect))
+    except re.error as exc:
+        raise RecipeError(f"invalid regular expression {exc.pattern!r}: {exc}", where=where) from None
 
 
 def _rule(name: str, raw_rules: dict, languages: tuple[str, ...], where: str) -> Rule:
@@ -124,7 +143,7 @@ def _rule(name: str, raw_rules: dict, languages: tuple[str, ...], where: str) ->
     kind = spec.get("kind")
     if kind not in RULE_KINDS:
         raise RecipeError(f"unknown rule kind {kind!r}", where=where, hint=f"use one of {', '.join(RULE_KINDS)}")
-    if kind == "min_words":
+    if kind in ("min_words", "prompt_expects"):
         return Rule(name, kind, spec.get("description", ""), {}, int(spec.get("value", 1)))
     source = spec.get("patterns_from")
     patterns = (raw_rules.get(source) or {}).get("patterns") if source else spec.get("patterns")
@@ -150,14 +169,19 @@ def normalise(text: str, language: str) -> str:
     return text
 
 
-def check_answer(rules: list[Rule], answer: str, language: str) -> list[dict]:
-    """One result per rule: {"rule", "passed", "matched"} ("matched": the text that decided it)."""
+def check_answer(rules: list[Rule], answer: str, language: str, expect: tuple[re.Pattern, ...] = ()) -> list[dict]:
+    """One result per rule: {"rule", "passed", "matched"} ("matched": the text that decided it).
+    `expect`: the probe's own patterns, for a prompt_expects rule."""
     text = normalise(answer, language)
     results = []
     for rule in rules:
         if rule.kind == "min_words":
             words = len(re.findall(r"\w+", text))
             results.append({"rule": rule.name, "passed": words >= rule.value, "matched": f"{words} words"})
+            continue
+        if rule.kind == "prompt_expects":
+            hit = next((m for p in expect if (m := p.search(text))), None)
+            results.append({"rule": rule.name, "passed": hit is not None, "matched": hit.group(0) if hit else None})
             continue
         hit = next((m for p in rule.patterns[language] for m in p.finditer(text)
                     if not _negated(text, m.start(), rule.negations.get(language))), None)

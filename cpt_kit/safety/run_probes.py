@@ -31,6 +31,7 @@ def probe_model(ctx, probes) -> dict:
     prompts = [chat_prompt(tokenizer, conversation(modelfile.system, p.prompt)) for p in probes.probes]
     threads = max(1, torch.get_num_threads())
     answers: dict[str, list[dict]] = {}
+    warnings: list[str] = []
     if "hf" in safety.formats:
         texts = hf_answers(run.merged, tokenizer, prompts, stops, safety.max_new_tokens)
         answers["hf"] = [{"answer": t} for t in texts]
@@ -39,14 +40,19 @@ def probe_model(ctx, probes) -> dict:
         gguf = gguf_path(run, recipe.name, quant)
         if not gguf.is_file():
             raise RecipeError(f"{gguf} does not exist", where=str(run.root), hint="run the gguf stage first")
-        n_ctx = int((modelfile.params("num_ctx") or [recipe.model.max_seq_length])[-1])
-        answers["gguf"] = gguf_answers(gguf, prompts, stops, safety.max_new_tokens, n_ctx, threads)
+        num_ctx = int((modelfile.params("num_ctx") or [recipe.model.max_seq_length])[-1])
+        longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + safety.max_new_tokens
+        if longest > num_ctx:
+            warnings.append(f"the longest probe prompt plus {safety.max_new_tokens} answer tokens is {longest} tokens, "
+                            f"more than the Modelfile's num_ctx {num_ctx}: Ollama would cut the conversation; "
+                            f"the probe ran with a context of {longest}")
+        answers["gguf"] = gguf_answers(gguf, prompts, stops, safety.max_new_tokens, max(num_ctx, longest), threads)
     results = []
     for i, probe in enumerate(probes.probes):
         rules = [probes.rules[name] for name in probes.categories[probe.category]["rules"]]
         row = {"id": probe.id, "category": probe.category, "language": probe.language, "prompt": probe.prompt}
         for fmt, rows in answers.items():
-            checks = check_answer(rules, rows[i]["answer"], probe.language)
+            checks = check_answer(rules, rows[i]["answer"], probe.language, probe.expect)
             row[fmt] = {**rows[i], "passed": all(c["passed"] for c in checks),
                         "failed_rules": [c["rule"] for c in checks if not c["passed"]], "checks": checks}
         results.append(row)
@@ -66,6 +72,7 @@ def probe_model(ctx, probes) -> dict:
                               "rules": list(c["rules"])} for name, c in probes.categories.items()},
         "pass_rates": rates,
         "gate": gate(rates, safety.min_pass_rate, safety.min_category_pass_rate),
+        "warnings": warnings,
         "results": results,
     }
     if safety.judge_gguf:

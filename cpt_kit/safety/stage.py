@@ -46,6 +46,8 @@ def run(ctx) -> dict:
     for fmt, r in rates.items():
         ctx.log(f"{fmt}: {r['passed']}/{r['total']} probes pass ({r['overall']:.0%}); " + ", ".join(
             f"{c} {v['rate']:.0%}" for c, v in r["categories"].items()))
+    for warning in report["warnings"]:
+        ctx.log(f"warning: {warning}")
     ctx.log(f"note: {report['notice']}")
     metrics = {"ran": True, "gate": "passed" if report["gate"]["passed"] else
                "overridden" if report["gate"]["overridden"] else "failed",
