@@ -107,7 +107,7 @@ def test_changed_recipe_refuses_to_redo_finished_stages_without_force(tmp_path, 
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
     # prepare does not depend on train.*: kept; train and everything after it redone
     assert calls(run) == ["prepare", "train", "evaluate", "train", "evaluate", "merge", "gguf", "modelfile", "verify",
-                          "report"]
+                          "safety", "report"]
 
 
 def test_other_recipe_or_foreign_directory_not_overwritten(tmp_path, stand_in_stages):
@@ -201,7 +201,7 @@ def test_export_change_keeps_training_and_names_the_field(tmp_path, stand_in_sta
     assert "train" not in info.value.message and "--force" in info.value.hint
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
     # gguf's own field changed; modelfile and verify read it too; nothing before gguf reruns
-    assert calls(run)[len(pipeline.STAGES):] == ["gguf", "modelfile", "verify", "report"]
+    assert calls(run)[len(pipeline.STAGES):] == ["gguf", "modelfile", "verify", "safety", "report"]
 
 
 def test_outputs_are_recorded_and_a_missing_or_changed_output_is_redone(tmp_path, stand_in_stages):
@@ -240,7 +240,7 @@ def test_changed_input_file_redoes_the_stages_that_read_it(tmp_path, stand_in_st
     (run.root / "adapter/out.txt").write_text("another adapter")
     pipeline.run_pipeline(recipe(), run, quiet_console())
     # evaluate, merge and modelfile read adapter/; gguf and verify read what merge wrote from it
-    assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "gguf", "modelfile", "verify", "report"]
+    assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "gguf", "modelfile", "verify", "safety", "report"]
 
 
 def test_outputs_an_earlier_run_wrote_are_replaced_user_files_never(tmp_path, stand_in_stages, monkeypatch):
