@@ -31,8 +31,7 @@ def columns(ctx) -> list[dict[str, Any]]:
                           "path": str(Path(item["path"]) / "merged")})
     if not found:  # a run without recorded lineage: its own base is the "before"
         found.append({"label": f"base ({ctx.recipe.model.base})", "path": resolve_base(ctx.recipe.model)})
-    objective = getattr(ctx.recipe.train, "objective", "cpt")
-    found.append({"label": f"this run ({objective} {ctx.recipe.name!r})", "path": str(ctx.run.merged)})
+    found.append({"label": f"this run ({ctx.recipe.train.objective} {ctx.recipe.name!r})", "path": str(ctx.run.merged)})
     return found
 
 
@@ -78,7 +77,7 @@ def run(ctx) -> dict:
         atomic_write_json(out_json, table)
         atomic_write_text(out_md, "# Before / after\n\nNo comparison: the recipe has no eval.prompts.\n")
         return {"models": 0, "headline": ["models"]}
-    system = ctx.recipe.export.modelfile.system or getattr(getattr(ctx.recipe, "sft", None), "system_prompt", None)
+    system = ctx.recipe.export.modelfile.system or ctx.recipe.sft.system_prompt
     cols = columns(ctx)
     for col in cols:
         col["mode"], col["answers"] = answer(col["path"], prompts, system, ctx.recipe.eval.max_new_tokens)

@@ -33,6 +33,7 @@ def safety_recipe(tiny_recipe, tiny_chatml):
 
     def make(**safety):
         return tiny_recipe(model=Model(base=str(tiny_chatml), max_seq_length=64, load_in_4bit=False),
+                           train={"objective": "sft"},
                            export=Export(quantizations=("Q8_0",), modelfile=ModelfileSpec(system=SYSTEM)),
                            safety=Safety(**{"languages": ("en", "eo"), "max_new_tokens": 8, **safety}))
     return make
@@ -78,7 +79,7 @@ def test_the_explicit_override_finishes_and_is_recorded(chat_run, safety_recipe)
     assert override["pass_rates"] == {"hf": metrics["pass_rate_hf"], "gguf": metrics["pass_rate_gguf"]}
     saved = json.loads((chat_run / "manifest.json").read_text())
     assert saved["overrides"]["safety"]["reasons"] == override["reasons"]
-    assert metrics["ollama"] == "not_found"  # handed to Ollama (here: the commands printed) after the gate
+    assert metrics["ollama"] == "not_found"  # a chat model goes to Ollama (here: commands printed) after the gate
     assert json.loads((chat_run / "safety.json").read_text())["gate"]["overridden"] is True
 
 

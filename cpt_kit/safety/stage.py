@@ -3,7 +3,7 @@ model and by the exported GGUF with the Modelfile's prompt, checked against the 
 rules -> `safety.json`.
 
 Below the recipe's thresholds the stage fails (SafetyGateError, after safety.json is written),
-so the run ends failed and the model is not handed to Ollama. `safety.accept_failure=true` is the
+so the run ends failed and a chat model is not handed to Ollama. `safety.accept_failure=true` is the
 explicit override: the run finishes, and the manifest records the override with the numbers it
 overrode. A smoke test, not a clinical validation: the output says so.
 """
@@ -30,7 +30,7 @@ def run(ctx) -> dict:
     if safety is None:
         ctx.log("no safety section in the recipe: nothing to probe")
         atomic_write_json(ctx.run.safety, {"ran": False, "reason": "the recipe has no safety section"})
-        return {"ran": False, "headline": ["ran"]}
+        return {"ran": False, "headline": ["ran"], **_publish(ctx)}
     from cpt_kit.safety.probes import load_probe_set
     from cpt_kit.safety.run_probes import probe_model
 
@@ -75,8 +75,11 @@ def run(ctx) -> dict:
 
 
 def _publish(ctx) -> dict:
-    """`ollama create` (when ollama is on PATH) only now that the gate passed or was overridden."""
+    """`ollama create` (when ollama is on PATH) for a chat model, once the gate passed or was overridden
+    (the modelfile stage hands CPT models to Ollama itself)."""
     from cpt_kit.export.modelfile_stage import SMOKE_PROMPT, ollama_name
     from cpt_kit.export.ollama import publish
 
+    if ctx.recipe.train.objective != "sft":
+        return {}
     return publish(ctx.run.ollama / "Modelfile", ollama_name(ctx.recipe.name), SMOKE_PROMPT, ctx.log)
