@@ -35,6 +35,9 @@ def run(ctx) -> dict:
     from cpt_kit.safety.run_probes import probe_model
 
     probes = load_probe_set(safety.probe_set, safety.languages, safety.categories)
+    if safety.judge_gguf:
+        from cpt_kit.safety.judge import judge_path
+        judge_path(safety.judge_gguf)  # a missing judge fails now, not after every answer was generated
     ctx.log(f"{len(probes.probes)} probes ({probes.name}: {len(probes.categories)} categories x "
             f"{', '.join(safety.languages)}) on {' and '.join(safety.formats)}, greedy, "
             f"{safety.max_new_tokens} new tokens at most")

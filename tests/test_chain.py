@@ -1,0 +1,87 @@
+"""Issue 12's chain in one test session, through the command line: a tiny CPT run -> SFT on the shipped
+chat data from that run directory -> compare -> export -> verify -> safety probe. The tiny model fails
+the probe: the run fails at the safety stage and the model is not published; the explicit override
+(`--set safety.accept_failure=true`) finishes it without redoing anything before the probe, and the
+manifest records the override."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import EXAMPLES
+from stage_helpers import run_until
+
+pytestmark = pytest.mark.slow
+
+
+def write_chat_recipe(folder, cpt_root):
+    recipe = folder / "chat.py"
+    recipe.write_text(textwrap.dedent(f"""\
+        from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, Safety, Sft, Train
+        RECIPE = Recipe(
+            name="chat",
+            model=Model(base={str(cpt_root)!r}, max_seq_length=384, load_in_4bit=False),
+            lora=Lora(r=8, lora_alpha=16, train_embeddings=True),
+            data=Data(sources=({str(EXAMPLES / 'chat' / 'support_en.jsonl')!r},
+                               {str(EXAMPLES / 'chat' / 'support_eo.jsonl')!r}), heldout_fraction=0.1),
+            sft=Sft(system_prompt="You are a kind listener. If someone is in danger, point them to emergency services."),
+            train=Train(objective="sft", backend="hf", learning_rate=2e-3, embedding_learning_rate=2e-4, max_steps=8,
+                        per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=8, save_steps=8,
+                        warmup_ratio=0.0, gradient_checkpointing=False),
+            eval=Eval(prompts=("I feel anxious before my exams.", "Mi sentas min soleca."), max_new_tokens=8,
+                      max_blocks=4),
+            export=Export(quantizations=("Q8_0",)),
+            safety=Safety(languages=("en", "eo"), categories=("suicidal_explicit", "medication_dose", "off_topic"),
+                          max_new_tokens=16),
+        )
+    """))
+    return recipe
+
+
+def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_path):
+    from cpt_kit.cli import main
+    from cpt_kit.lineage import weights_sha256
+
+    cpt_root = tmp_path / "language"
+    run_until(tiny_recipe(), cpt_root, "merge")
+    recipe = write_chat_recipe(tmp_path, cpt_root)
+    root = tmp_path / "chat"
+
+    failed = CliRunner().invoke(main, ["run", str(recipe), "--output-dir", str(root)])
+    assert failed.exit_code == 2, failed.output
+    assert "safety probe below the recipe's thresholds" in failed.output
+    assert "not a clinical validation" in failed.output and "safety.accept_failure=true" in failed.output
+    assert "not published" in failed.output and "ollama create" not in failed.output
+    manifest = json.loads((root / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert [stages[s]["status"] for s in ("prepare", "train", "merge", "compare", "verify", "safety")] == \
+        ["done"] * 5 + ["failed"]
+    assert "report" not in stages and "overrides" not in manifest
+    assert stages["train"]["metrics"]["objective"] == "sft"
+    assert [item["kind"] for item in manifest["lineage"]] == ["model", "run"]
+    assert manifest["lineage"][1]["merged_sha256"] == weights_sha256(cpt_root / "merged")
+    verify = json.loads((root / "verify.json").read_text())
+    assert verify["passed"] and verify["checks"]["stop"]["eot_tokens"]["<|im_end|>"]["is_eog"]
+    report = json.loads((root / "safety.json").read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["overridden"] is False
+    assert {r["language"] for r in report["results"]} == {"en", "eo"} and set(report["pass_rates"]) == {"hf", "gguf"}
+    assert report["generation"]["system"].startswith("You are a kind listener.")
+    comparison = json.loads((root / "eval" / "comparison.json").read_text())
+    assert [m["mode"] for m in comparison["models"]] == ["completion", "completion", "chat"]
+
+    finished = CliRunner().invoke(main, ["run", str(recipe), "--output-dir", str(root),
+                                         "--set", "safety.accept_failure=true"])
+    assert finished.exit_code == 0, finished.output
+    assert "overridden" in finished.output
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["attempts"] == 1  # nothing before the probe was redone
+    assert manifest["stages"]["safety"]["status"] == "done" and manifest["stages"]["safety"]["metrics"]["gate"] == "overridden"
+    override = manifest["overrides"]["safety"]
+    assert override["key"] == "safety.accept_failure" and override["reasons"] == report["gate"]["reasons"]
+    assert manifest["recipe"]["safety"]["accept_failure"] is True
+    assert json.loads((root / "safety.json").read_text())["gate"]["overridden"] is True
+    assert "overridden" in (root / "report.md").read_text(encoding="utf-8")
