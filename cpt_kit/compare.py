@@ -37,19 +37,17 @@ def columns(ctx) -> list[dict[str, Any]]:
 
 def answer(model_dir: str, prompts: list[str], system: Optional[str], max_new_tokens: int) -> tuple[str, list[str]]:
     """(mode, answers) of one model: mode is "chat" (its chat template) or "completion"."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from cpt_kit.safety.generate import chat_prompt, conversation, hf_answers
+    from cpt_kit.evaluate import generate_samples
+    from cpt_kit.export.chat_template import end_of_turn_tokens
+    from cpt_kit.safety.generate import chat_prompt, conversation, hf_answers, load_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
         texts = [chat_prompt(tokenizer, conversation(system, p)) for p in prompts]
-        from cpt_kit.export.chat_template import end_of_turn_tokens
         return "chat", hf_answers(Path(model_dir), tokenizer, texts, end_of_turn_tokens(tokenizer, None), max_new_tokens)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if device == "cpu" else None).to(device)
-    from cpt_kit.evaluate import generate_samples
+    model = load_model(Path(model_dir))
     samples = generate_samples(model, tokenizer, prompts, max_new_tokens)
     del model
     return "completion", [s["completion"].strip() for s in samples]

@@ -31,15 +31,23 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
-def hf_answers(model_dir: Path, tokenizer, prompts: list[str], stops: Sequence[str], max_new_tokens: int,
-               batch_size: int = 8) -> list[str]:
-    """Greedy answers of the HF model (left-padded batches), cut at the first stop string."""
+def load_model(model_dir: Path):
+    """A model for greedy generation: bf16 on a GPU that has it, else fp32; eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def hf_answers(model_dir: Path, tokenizer, prompts: list[str], stops: Sequence[str], max_new_tokens: int,
+               batch_size: int = 8) -> list[str]:
+    """Greedy answers of the HF model (left-padded batches), cut at the first stop string."""
+    import torch
+
+    model = load_model(model_dir)
+    device = model.device
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(s) for s in stops
                        if s in tokenizer.get_vocab()} | ({tokenizer.eos_token_id} - {None}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
