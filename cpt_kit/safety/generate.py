@@ -19,10 +19,16 @@ def conversation(system: Optional[str], user: str) -> list[dict]:
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The rendered prompt without a leading BOS (Ollama's prompt text has none; the tokenizer adds it)."""
+    """The rendered prompt as the runner receives it: a BOS the template writes is removed only when the
+    tokenizer adds BOS itself (decided on token ids: some tokenizers' bos_token is a role marker,
+    e.g. `<|im_start|>`, that the template writes before every turn and nothing adds)."""
+    from cpt_kit.export.chat_template import adds_bos
+
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-        text = text[len(tokenizer.bos_token):]
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer) \
+            and tokenizer(text, add_special_tokens=False)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
     return text
 
 
