@@ -25,7 +25,7 @@ from cpt_kit.recipe import Data, Eval, Export, Lora, Model, ModelfileSpec, Recip
 
 RECIPE = Recipe(
     name="demo_chat",
-    model=Model(base="runs/demo", max_seq_length=512, load_in_4bit=True),
+    model=Model(base="runs/demo", max_seq_length=1024, load_in_4bit=True),
     lora=Lora(r=16, lora_alpha=32, use_rslora=True, train_embeddings=True),
     data=Data(sources=(str(CHAT / "support_en.jsonl"), str(CHAT / "support_eo.jsonl")), heldout_fraction=0.1),
     sft=Sft(system_prompt=SYSTEM_PROMPT),
@@ -35,10 +35,10 @@ RECIPE = Recipe(
         embedding_learning_rate=2e-4,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
-        max_steps=60,
+        max_steps=40,
         warmup_ratio=0.05,
-        eval_steps=30,
-        save_steps=60,
+        eval_steps=20,
+        save_steps=40,
         gradient_checkpointing=False,
     ),
     eval=Eval(prompts=("I feel anxious before my exams.", "Mi sentas min soleca."), max_new_tokens=24),

@@ -24,7 +24,7 @@ def write_chat_recipe(folder, cpt_root):
         from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, Safety, Sft, Train
         RECIPE = Recipe(
             name="chat",
-            model=Model(base={str(cpt_root)!r}, max_seq_length=384, load_in_4bit=False),
+            model=Model(base={str(cpt_root)!r}, max_seq_length=512, load_in_4bit=False),
             lora=Lora(r=8, lora_alpha=16, train_embeddings=True),
             data=Data(sources=({str(EXAMPLES / 'chat' / 'support_en.jsonl')!r},
                                {str(EXAMPLES / 'chat' / 'support_eo.jsonl')!r}), heldout_fraction=0.1),

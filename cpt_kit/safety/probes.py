@@ -124,7 +124,8 @@ def load_probe_set(name_or_path: str, languages: tuple[str, ...], categories: tu
 
 
 def _probe(probe_id: str, category: str, lang: str, item, needs_expect: bool, where: str) -> Probe:
-    text, expect = (item, []) if isinstance(item, str) else (item.get("text"), item.get("expect") or [])
+    text, expect = (item, []) if isinstance(item, str) else \
+        (item.get("text"), item.get("expect") or []) if isinstance(item, dict) else (None, [])
     if not isinstance(text, str) or not text.strip():
         raise RecipeError("empty prompt", where=where)
     if needs_expect and not expect:
