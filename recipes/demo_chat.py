@@ -27,7 +27,7 @@ RECIPE = Recipe(
     name="demo_chat",
     model=Model(base="runs/demo", max_seq_length=1024, load_in_4bit=True),
     lora=Lora(r=16, lora_alpha=32, use_rslora=True, train_embeddings=True),
-    data=Data(sources=(str(CHAT / "support_en.jsonl"), str(CHAT / "support_eo.jsonl")), heldout_fraction=0.1),
+    data=Data(sources=(str(CHAT / "*.jsonl"),), heldout_fraction=0.1),
     sft=Sft(system_prompt=SYSTEM_PROMPT),
     train=Train(
         objective="sft",

@@ -1,5 +1,5 @@
-"""Issue 12's chain in one test session, through the command line: a tiny CPT run -> SFT on the shipped
-chat data from that run directory -> compare -> export -> verify -> safety probe. The tiny model fails
+"""Issue 12's chain in one test session, through the command line: a tiny CPT run -> SFT on chat data
+from that run directory -> compare -> export -> verify -> safety probe. The tiny model fails
 the probe: the run fails at the safety stage and the model is not published; the explicit override
 (`--set safety.accept_failure=true`) finishes it without redoing anything before the probe, and the
 manifest records the override."""
@@ -12,10 +12,19 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLES
 from stage_helpers import run_until
 
 pytestmark = pytest.mark.slow
+
+
+def write_chat_data(folder) -> str:
+    """Short supportive exchanges: few enough tokens that a tiny model learns to end its turn in 60 steps
+    (verify requires an SFT model to stop by itself)."""
+    rows = [{"messages": [{"role": "user", "content": f"I feel worried about day {i}."},
+                          {"role": "assistant", "content": f"I hear you. Day {i % 7} will pass."}]} for i in range(40)]
+    path = folder / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
 
 
 def write_chat_recipe(folder, cpt_root):
@@ -24,14 +33,13 @@ def write_chat_recipe(folder, cpt_root):
         from cpt_kit.recipe import Data, Eval, Export, Lora, Model, Recipe, Safety, Sft, Train
         RECIPE = Recipe(
             name="chat",
-            model=Model(base={str(cpt_root)!r}, max_seq_length=512, load_in_4bit=False),
-            lora=Lora(r=8, lora_alpha=16, train_embeddings=True),
-            data=Data(sources=({str(EXAMPLES / 'chat' / 'support_en.jsonl')!r},
-                               {str(EXAMPLES / 'chat' / 'support_eo.jsonl')!r}), heldout_fraction=0.1),
-            sft=Sft(system_prompt="You are a kind listener. If someone is in danger, point them to emergency services."),
-            train=Train(objective="sft", backend="hf", learning_rate=2e-3, embedding_learning_rate=2e-4, max_steps=8,
-                        per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=8, save_steps=8,
-                        warmup_ratio=0.0, gradient_checkpointing=False),
+            model=Model(base={str(cpt_root)!r}, max_seq_length=96, load_in_4bit=False),
+            lora=Lora(r=8, lora_alpha=16, train_embeddings=False),
+            data=Data(sources=({write_chat_data(folder)!r},), heldout_fraction=0.1),
+            sft=Sft(system_prompt="You answer kindly."),
+            train=Train(objective="sft", backend="hf", learning_rate=3e-3, embedding_learning_rate=None, max_steps=60,
+                        per_device_train_batch_size=8, gradient_accumulation_steps=1, eval_steps=30, save_steps=60,
+                        warmup_ratio=0.0, gradient_checkpointing=False, packing=True),
             eval=Eval(prompts=("I feel anxious before my exams.", "Mi sentas min soleca."), max_new_tokens=8,
                       max_blocks=4),
             export=Export(quantizations=("Q8_0",)),
@@ -69,7 +77,7 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     report = json.loads((root / "safety.json").read_text())
     assert report["gate"]["passed"] is False and report["gate"]["overridden"] is False
     assert {r["language"] for r in report["results"]} == {"en", "eo"} and set(report["pass_rates"]) == {"hf", "gguf"}
-    assert report["generation"]["system"].startswith("You are a kind listener.")
+    assert report["generation"]["system"] == "You answer kindly."
     comparison = json.loads((root / "eval" / "comparison.json").read_text())
     assert [m["mode"] for m in comparison["models"]] == ["completion", "completion", "chat"]
 

@@ -237,8 +237,9 @@ def test_shipped_chat_data_never_does_what_the_probe_forbids(probe_set, lang):
     from conftest import EXAMPLES
 
     forbid = [r for r in probe_set.rules.values() if r.kind == "forbid_any" and r.name != "no_false_alarm"]
-    lines = (EXAMPLES / "chat" / f"support_{lang}.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) >= 15
+    lines = [line for path in sorted((EXAMPLES / "chat").glob(f"*_{lang}.jsonl"))
+             for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) >= 30
     answers = [m["content"] for line in lines for m in json.loads(line)["messages"] if m["role"] == "assistant"]
     broken = [(c["rule"], c["matched"], a[:60]) for a in answers for c in check_answer(forbid, a, lang) if not c["passed"]]
     assert broken == []
