@@ -11,6 +11,9 @@ it with the explicit override, which the manifest records:
 
     cpt-kit run recipes/demo_chat.py --set safety.accept_failure=true
 
+Before the probe, verify requires the fine-tuned model to end its turn by itself (greedy, within 64
+tokens); if a loaded machine's shorter run has not learned that, raise train.max_steps.
+
 eval/comparison.md shows the same prompts answered by the tiny base, the CPT model and the chat
 model side by side. The system prompt and the safety rules are mental_health.py's.
 """
