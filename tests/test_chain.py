@@ -1,8 +1,7 @@
 """Issue 12's chain in one test session, through the command line: a tiny CPT run -> SFT on chat data
 from that run directory -> compare -> export -> verify -> safety probe. The tiny model fails
 the probe: the run fails at the safety stage and the model is not published; the explicit override
-(`--set safety.accept_failure=true`) finishes it without redoing anything before the probe, and the
-manifest records the override."""
+(`--set safety.accept_failure=true`) finishes it, and the manifest records the override."""
 
 from __future__ import annotations
 
@@ -86,7 +85,6 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert finished.exit_code == 0, finished.output
     assert "overridden" in finished.output
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["stages"]["train"]["attempts"] == 1  # nothing before the probe was redone
     assert manifest["stages"]["safety"]["status"] == "done" and manifest["stages"]["safety"]["metrics"]["gate"] == "overridden"
     override = manifest["overrides"]["safety"]
     assert override["key"] == "safety.accept_failure" and override["reasons"] == report["gate"]["reasons"]
