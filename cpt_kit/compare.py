@@ -17,20 +17,22 @@ from cpt_kit.rundir import atomic_write_json, atomic_write_text
 
 
 def columns(ctx) -> list[dict[str, Any]]:
-    """[{"label", "path"}] oldest first: the lineage's original model, each ancestor run, then this run."""
+    """[{"label", "path"}] oldest first: the original model, each ancestor run, then this run.
+
+    The manifest's `lineage` (cpt_kit.lineage) lists the ancestors oldest first; the first one's
+    `base` is the original model. An ancestor PEFT adapter has no merged model of its own to
+    prompt: it is left out (its base and the runs built on it are shown)."""
     from cpt_kit.model_source import resolve_base
     from cpt_kit.recipe import Model
 
     chain = ctx.manifest.data.get("lineage") or []
-    found: list[dict[str, Any]] = []
-    for item in chain:
-        if item.get("kind") == "model":
-            found.append({"label": f"original ({item['base']})", "path": resolve_base(Model(base=item["base"]))})
-        elif item.get("kind") == "run":
-            found.append({"label": f"{item.get('objective', 'cpt')} run {item.get('recipe')!r}",
-                          "path": str(Path(item["path"]) / "merged")})
-    if not found:  # a run without recorded lineage: its own base is the "before"
-        found.append({"label": f"base ({ctx.recipe.model.base})", "path": resolve_base(ctx.recipe.model)})
+    if chain:
+        original = chain[0]["base"]
+        found = [{"label": f"original ({original})", "path": resolve_base(Model(base=original))}]
+        found += [{"label": f"{item.get('objective', 'cpt')} run {item.get('recipe')!r}",
+                   "path": str(Path(item["path"]) / "merged")} for item in chain if item.get("kind") == "run"]
+    else:  # a run from a hub model or a plain folder: its own base is the "before"
+        found = [{"label": f"base ({ctx.recipe.model.base})", "path": resolve_base(ctx.recipe.model)}]
     found.append({"label": f"this run ({ctx.recipe.train.objective} {ctx.recipe.name!r})", "path": str(ctx.run.merged)})
     return found
 
@@ -41,11 +43,11 @@ def answer(model_dir: str, prompts: list[str], system: Optional[str], max_new_to
 
     from cpt_kit.evaluate import generate_samples
     from cpt_kit.export.chat_template import end_of_turn_tokens
-    from cpt_kit.safety.generate import chat_prompt, conversation, hf_answers, load_model
+    from cpt_kit.safety.generate import hf_answers, load_model, ollama_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
-        texts = [chat_prompt(tokenizer, conversation(system, p)) for p in prompts]
+        texts = [ollama_prompt(tokenizer, system, p) for p in prompts]
         return "chat", hf_answers(Path(model_dir), tokenizer, texts, end_of_turn_tokens(tokenizer, None), max_new_tokens)
     model = load_model(Path(model_dir))
     samples = generate_samples(model, tokenizer, prompts, max_new_tokens)

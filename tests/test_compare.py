@@ -24,8 +24,9 @@ def test_the_same_prompts_answered_by_base_cpt_and_sft_models(tiny_base, tiny_ti
     recipe = tiny_recipe(eval=Eval(prompts=prompts, max_new_tokens=6),
                          export=Export(modelfile=ModelfileSpec(system="You are kind.")))
     ctx = context(recipe, run)
-    ctx.manifest.data["lineage"] = [{"kind": "model", "base": str(tiny_base)},
-                                    {"kind": "run", "path": str(cpt_run), "recipe": "language", "objective": "cpt"}]
+    # cpt_kit.lineage's format: the ancestor runs oldest first; the first one's base is the original model
+    ctx.manifest.data["lineage"] = [{"kind": "run", "path": str(cpt_run), "recipe": "language", "objective": "cpt",
+                                     "base": str(tiny_base), "merged_sha256": "0" * 64}]
     metrics = compare.run(ctx)
     assert metrics["models"] == 3 and metrics["prompts"] == 2
 

@@ -97,7 +97,7 @@ def test_the_gguf_prompt_is_what_ollama_renders_from_the_modelfile(chat_run, saf
     from transformers import AutoTokenizer
 
     from cpt_kit.export.modelfile import parse
-    from cpt_kit.safety.generate import chat_prompt, conversation
+    from cpt_kit.safety.generate import ollama_prompt
     from cpt_kit.safety.probes import load_probe_set
 
     run_safety(safety_recipe(), chat_run)  # writes the Modelfile
@@ -106,7 +106,7 @@ def test_the_gguf_prompt_is_what_ollama_renders_from_the_modelfile(chat_run, saf
     tokenizer = AutoTokenizer.from_pretrained(chat_run / "merged")
     probes = load_probe_set("mental_health", ("en", "eo"), ("suicidal_explicit", "medication_dose")).probes
     for probe in probes:
-        ours = chat_prompt(tokenizer, conversation(modelfile.system, probe.prompt))
+        ours = ollama_prompt(tokenizer, modelfile.system, probe.prompt)
         assert ours == ollama_go.render(modelfile.template, [{"role": "user", "content": probe.prompt}],
                                         system=modelfile.system)
         assert ours.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") and ours.endswith("<|im_start|>assistant\n")

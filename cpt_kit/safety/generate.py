@@ -13,22 +13,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def conversation(system: Optional[str], user: str) -> list[dict]:
-    """The messages of an Ollama chat request with one user message: SYSTEM first when there is one."""
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+def ollama_prompt(tokenizer, system: Optional[str], user: str) -> str:
+    """The prompt Ollama builds for one user message with Modelfile SYSTEM `system`, as the runner
+    receives it (cpt_kit.export.chat_template.expected_prompt: the chat template's rendering, no BOS
+    the tokenizer adds itself; verify checks that the Modelfile's TEMPLATE renders the same text)."""
+    from cpt_kit.errors import RecipeError
+    from cpt_kit.export.chat_template import expected_prompt
 
-
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The rendered prompt as the runner receives it: a BOS the template writes is removed only when the
-    tokenizer adds BOS itself (decided on token ids: some tokenizers' bos_token is a role marker,
-    e.g. `<|im_start|>`, that the template writes before every turn and nothing adds)."""
-    from cpt_kit.export.chat_template import adds_bos
-
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and adds_bos(tokenizer) \
-            and tokenizer(text, add_special_tokens=False)["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos):]
+    text = expected_prompt(tokenizer, [{"role": "user", "content": user}], system)
+    if text is None:
+        raise RecipeError("the chat template rejects a conversation of " + ("a system and " if system else "")
+                          + "a user message", where="safety",
+                          hint="check the model's chat template (and the Modelfile's SYSTEM)")
     return text
 
 

@@ -14,7 +14,7 @@ def probe_model(ctx, probes) -> dict:
     from cpt_kit.export.gguf_stage import gguf_path
     from cpt_kit.export.modelfile import parse
     from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
-    from cpt_kit.safety.generate import chat_prompt, conversation, gguf_answers, hf_answers
+    from cpt_kit.safety.generate import gguf_answers, hf_answers, ollama_prompt
     from cpt_kit.safety.probes import check_answer
     from cpt_kit.safety.score import NOTICE, gate, pass_rates
 
@@ -28,7 +28,7 @@ def probe_model(ctx, probes) -> dict:
         raise RecipeError(f"{modelfile_path} does not exist", where=str(run.root), hint="run the modelfile stage first")
     modelfile = parse(modelfile_path.read_text(encoding="utf-8"))
     stops = modelfile.params("stop")
-    prompts = [chat_prompt(tokenizer, conversation(modelfile.system, p.prompt)) for p in probes.probes]
+    prompts = [ollama_prompt(tokenizer, modelfile.system, p.prompt) for p in probes.probes]
     threads = max(1, torch.get_num_threads())
     answers: dict[str, list[dict]] = {}
     warnings: list[str] = []
