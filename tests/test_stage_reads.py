@@ -56,3 +56,4 @@ def test_real_stages_read_only_declared_fields(tiny_recipe, tmp_path, monkeypatc
     declared = {s.name: s.reads for s in pipeline.STAGE_TABLE}
     assert {name: undeclared(found, declared[name]) for name, found in reads.items()} == {s: [] for s in declared}
     assert "eval.max_blocks" in reads["verify"]  # (model.max_seq_length only for runs without held-out data)
+    assert "eval.prompts" in reads["compare"] and "train.objective" in reads["safety"]
