@@ -16,6 +16,11 @@ from typing import Any, Optional
 from cpt_kit.rundir import atomic_write_json, atomic_write_text
 
 
+def input_fingerprint(ctx) -> list:
+    """The ancestors' merged weights (outside this run): an ancestor run redone means new answers."""
+    return [item.get("merged_sha256") or item.get("adapter_sha256") for item in ctx.manifest.data.get("lineage") or []]
+
+
 def columns(ctx) -> list[dict[str, Any]]:
     """[{"label", "path"}] oldest first: the original model, each ancestor run, then this run.
 

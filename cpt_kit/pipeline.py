@@ -79,6 +79,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
           reads=(*GGUF_NAMES, "export.modelfile_quant", "model.max_seq_length", "train.objective", "safety"),
           inputs=("merged", "gguf", "ollama", "data/tokenizer"), outputs=("safety.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files
+    # ("eval" covers compare's eval/comparison.md, which the report names)
     Stage("report", "cpt_kit.report",
           inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "safety.json", "ollama"),
           outputs=("report.md", "report.html", "report")),

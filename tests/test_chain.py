@@ -69,8 +69,9 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
         ["done"] * 5 + ["failed"]
     assert "report" not in stages and "overrides" not in manifest
     assert stages["train"]["metrics"]["objective"] == "sft"
-    assert [item["kind"] for item in manifest["lineage"]] == ["model", "run"]
-    assert manifest["lineage"][1]["merged_sha256"] == weights_sha256(cpt_root / "merged")
+    cpt_base = tiny_recipe().model.base  # the original model: the CPT run's base
+    assert [(item["kind"], item["recipe"], item["base"]) for item in manifest["lineage"]] == [("run", "tiny", cpt_base)]
+    assert manifest["lineage"][0]["merged_sha256"] == weights_sha256(cpt_root / "merged")
     verify = json.loads((root / "verify.json").read_text())
     assert verify["passed"] and verify["checks"]["stop"]["eot_tokens"]["<|im_end|>"]["is_eog"]
     report = json.loads((root / "safety.json").read_text())
@@ -79,6 +80,7 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert report["generation"]["system"] == "You answer kindly."
     comparison = json.loads((root / "eval" / "comparison.json").read_text())
     assert [m["mode"] for m in comparison["models"]] == ["completion", "completion", "chat"]
+    assert [m["label"] for m in comparison["models"]][:2] == [f"original ({cpt_base})", "cpt run 'tiny'"]
 
     finished = CliRunner().invoke(main, ["run", str(recipe), "--output-dir", str(root),
                                          "--set", "safety.accept_failure=true"])
