@@ -11,9 +11,8 @@ def probe_model(ctx, probes) -> dict:
     from transformers import AutoTokenizer
 
     from cpt_kit.export.chat_template import jinja_text
-    from cpt_kit.export.gguf_stage import gguf_path
     from cpt_kit.export.modelfile import parse
-    from cpt_kit.export.modelfile_stage import chosen_quant, tokenizer_dir
+    from cpt_kit.run_files import chosen_quant, gguf_path, tokenizer_dir
     from cpt_kit.safety.generate import gguf_answers, hf_answers, ollama_prompt
     from cpt_kit.safety.probes import check_answer
     from cpt_kit.safety.score import NOTICE, gate, pass_rates
