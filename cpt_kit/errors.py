@@ -43,3 +43,7 @@ class ExportError(CptKitError):
 
 class VerificationError(CptKitError):
     """The exported model does not behave like the trained one."""
+
+
+class SafetyGateError(VerificationError):
+    """The safety probe's pass rate is below the recipe's threshold (and no override was given)."""

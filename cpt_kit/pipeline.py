@@ -57,6 +57,10 @@ STAGE_TABLE: tuple[Stage, ...] = (
           outputs=("eval/perplexity.json", "eval/samples.json")),
     Stage("merge", "cpt_kit.export.merge_stage", reads=MODEL_LOADING,
           inputs=("adapter", "data/tokenizer", "data/heldout_texts.jsonl"), outputs=("merged",)),
+    Stage("compare", "cpt_kit.compare",
+          reads=(*MODEL_LOADING, "name", "train.objective", "eval.prompts", "eval.max_new_tokens",
+                 "export.modelfile.system", "sft.system_prompt"),
+          inputs=("merged",), outputs=("eval/comparison.json", "eval/comparison.md")),
     Stage("gguf", "cpt_kit.export.gguf_stage",
           reads=(*GGUF_NAMES, "export.token_embedding_type", "export.output_tensor_type", "export.imatrix",
                  "export.imatrix_tokens", "export.quant_max_ppl_delta", "export.quant_max_kl", "eval.max_blocks",
@@ -72,8 +76,13 @@ STAGE_TABLE: tuple[Stage, ...] = (
           reads=(*GGUF_NAMES, "export.max_f16_ppl_delta", "eval.max_blocks", "model.max_seq_length",
                  "train.objective"),
           inputs=("gguf", "merged", "data/heldout", "data/heldout_texts.jsonl", "ollama"), outputs=("verify.json",)),
+    Stage("safety", "cpt_kit.safety.stage",
+          reads=(*GGUF_NAMES, "export.modelfile_quant", "model.max_seq_length", "train.objective", "safety"),
+          inputs=("merged", "gguf", "ollama", "data/tokenizer"), outputs=("safety.json",)),
     # the report reads the manifest's recipe and metrics, not the recipe object: it declares the files
-    Stage("report", "cpt_kit.report", inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "ollama"),
+    # ("eval" covers compare's eval/comparison.md, which the report names)
+    Stage("report", "cpt_kit.report",
+          inputs=("data/stats.json", "logs/train.jsonl", "eval", "verify.json", "safety.json", "ollama"),
           outputs=("report.md", "report.html", "report")),
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)

@@ -63,6 +63,10 @@ class RunDir:
         return self.root / "verify.json"
 
     @property
+    def safety(self) -> Path:
+        return self.root / "safety.json"
+
+    @property
     def tokenizer(self) -> Path:
         """The tokenizer the model is trained with (differs from the base's when the vocabulary was extended)."""
         return self.data / "tokenizer"

@@ -77,6 +77,12 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest, failed: bool = 
         console.print(f"outputs in {_display(run.root)}/: " + "  ".join(outputs))
     modelfile = run.ollama / "Modelfile"
     broken = [name for name, entry in manifest.data["stages"].items() if entry.get("status") == "failed"]
+    if manifest.stage("safety").get("status") == "failed":
+        console.print(f"[red]not published:[/red] the safety probe failed (see {_display(run.safety)}; "
+                      "a smoke test, not a clinical validation)")
+    elif manifest.data.get("overrides", {}).get("safety"):
+        console.print("[yellow]warning:[/yellow] the safety probe failed and was overridden "
+                      "(safety.accept_failure=true, recorded in the manifest)")
     if failed:
         console.print(f"[red]the run failed{' at ' + ', '.join(broken) if broken else ''}[/red] (error above): "
                       "its outputs are not ready to use; fix the cause and run the same command again "

@@ -106,8 +106,8 @@ def test_changed_recipe_refuses_to_redo_finished_stages_without_force(tmp_path, 
     assert calls(run) == ["prepare", "train", "evaluate"]
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
     # prepare does not depend on train.*: kept; train and everything after it redone
-    assert calls(run) == ["prepare", "train", "evaluate", "train", "evaluate", "merge", "gguf", "modelfile", "verify",
-                          "report"]
+    assert calls(run) == ["prepare", "train", "evaluate", "train", "evaluate", "merge", "compare", "gguf", "modelfile",
+                          "verify", "safety", "report"]
 
 
 def test_other_recipe_or_foreign_directory_not_overwritten(tmp_path, stand_in_stages):
@@ -180,16 +180,16 @@ def test_rerunning_one_stage_marks_later_stages_stale(tmp_path, stand_in_stages)
     assert all(s["status"] == "done" for s in Manifest.load(run.manifest).data["stages"].values())
 
 
-def test_eval_only_change_redoes_evaluate_and_nothing_else(tmp_path, stand_in_stages):
+def test_eval_only_change_redoes_the_stages_that_read_it_and_nothing_else(tmp_path, stand_in_stages):
     run = RunDir(tmp_path / "run")
     pipeline.run_pipeline(recipe(), run, quiet_console())
     changed = apply_overrides(recipe(), ["eval.prompts=La kato"])
     plan = pipeline.make_plan(changed, run, Manifest.load(run.manifest), quiet_console())
-    # the report reads eval/: it runs after evaluate (and only because evaluate's outputs changed)
-    assert [s.stage.name for s in plan.steps if s.action == "run"] == ["evaluate", "report"]
-    assert plan.conflicts == ["evaluate"] and "recipe changed: eval.prompts" in plan.steps[2].reasons
+    # evaluate and compare read eval.prompts; the report reads their eval/ files
+    assert [s.stage.name for s in plan.steps if s.action == "run"] == ["evaluate", "compare", "report"]
+    assert plan.conflicts == ["evaluate", "compare"] and "recipe changed: eval.prompts" in plan.steps[2].reasons
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
-    assert calls(run) == list(pipeline.STAGES) + ["evaluate", "report"]
+    assert calls(run) == list(pipeline.STAGES) + ["evaluate", "compare", "report"]
 
 
 def test_export_change_keeps_training_and_names_the_field(tmp_path, stand_in_stages):
@@ -201,7 +201,7 @@ def test_export_change_keeps_training_and_names_the_field(tmp_path, stand_in_sta
     assert "train" not in info.value.message and "--force" in info.value.hint
     pipeline.run_pipeline(changed, run, quiet_console(), force=True)
     # gguf's own field changed; modelfile and verify read it too; nothing before gguf reruns
-    assert calls(run)[len(pipeline.STAGES):] == ["gguf", "modelfile", "verify", "report"]
+    assert calls(run)[len(pipeline.STAGES):] == ["gguf", "modelfile", "verify", "safety", "report"]
 
 
 def test_outputs_are_recorded_and_a_missing_or_changed_output_is_redone(tmp_path, stand_in_stages):
@@ -240,7 +240,7 @@ def test_changed_input_file_redoes_the_stages_that_read_it(tmp_path, stand_in_st
     (run.root / "adapter/out.txt").write_text("another adapter")
     pipeline.run_pipeline(recipe(), run, quiet_console())
     # evaluate, merge and modelfile read adapter/; gguf and verify read what merge wrote from it
-    assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "gguf", "modelfile", "verify", "report"]
+    assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "compare", "gguf", "modelfile", "verify", "safety", "report"]
 
 
 def test_outputs_an_earlier_run_wrote_are_replaced_user_files_never(tmp_path, stand_in_stages, monkeypatch):

@@ -41,6 +41,8 @@ def finished_run(tmp_path) -> RunDir:
         "verify": {"status": "done", "seconds": 9.1, "metrics": {
             "passed": True, "ppl_HF": 33.59, "ppl_F16": 33.59, "ppl_Q8_0": 33.6, "ppl_Q4_K_M": 33.54,
             "tokenizer_match": 16}},
+        "compare": {"status": "done", "seconds": 5.3, "metrics": {
+            "models": 3, "prompts": 2, "comparison": "eval/comparison.md", "headline": ["models", "comparison"]}},
         "modelfile": {"status": "done", "seconds": 0.2, "metrics": {"from": "Q8_0"}},
     }
     _write(run.manifest, {"recipe": {"name": "demo", "model": {"base": "tiny:examples/data/general"},
@@ -78,12 +80,13 @@ def test_report_files_and_every_number_from_the_manifest(finished_run):
                 continue
             assert rows[(stage, key)] == fmt(value), (stage, key)
             checked += 1
-    assert checked == 23
+    assert checked == 26
     assert "595.2 -> **34.71** (-94.2%)" in text
     assert "Forgetting" in text and "28%" in text  # replay perplexity rose 196.5 -> 251.3
     assert "not a clinical validation" in text and "overridden" in text
     assert "language" in text and "unsloth/Llama-3.2-1B" in text  # lineage
     assert "ollama create demo -f" in text
+    assert "every model of the lineage: `eval/comparison.md`" in text
 
 
 def test_plots_are_valid_pngs_with_the_expected_series(finished_run):

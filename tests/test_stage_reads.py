@@ -58,3 +58,4 @@ def test_real_stages_read_only_declared_fields(tiny_recipe, tmp_path, monkeypatc
     assert "eval.max_blocks" in reads["verify"]  # (model.max_seq_length only for runs without held-out data)
     # the gguf stage gates each quantization on the verify blocks, under the recipe's limits
     assert {"eval.max_blocks", "export.quant_max_kl", "export.quant_max_ppl_delta"} <= reads["gguf"]
+    assert "eval.prompts" in reads["compare"] and "train.objective" in reads["safety"]

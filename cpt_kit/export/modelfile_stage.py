@@ -1,5 +1,6 @@
 """The modelfile stage: `ollama/Modelfile` (FROM the chosen GGUF by relative path, TEMPLATE, stops,
-SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollama create` if possible.
+SYSTEM, sampling parameters), optionally `ollama/Modelfile.adapter`, then `ollama create` if possible
+(for a chat model, train.objective="sft", the safety stage does that once its gate passed).
 
 FROM is the recipe's quantization when it passed its quality limits (gguf/quality.json, written by the
 gguf stage), else the smallest quantization that passed, else the unquantized GGUF: never a failed one."""
@@ -92,5 +93,8 @@ def run(ctx) -> dict:
     if recipe.export.adapter_modelfile:
         from cpt_kit.export.adapter_modelfile import write_adapter_modelfile
         metrics["adapter_modelfile"] = write_adapter_modelfile(ctx, mf)
+    if recipe.train.objective == "sft":  # a chat model goes to Ollama after its safety probe (cpt_kit.safety.stage)
+        ctx.log("the chat model is handed to Ollama after the safety stage")
+        return metrics
     metrics.update(publish(path, ollama_name(recipe.name), SMOKE_PROMPT, ctx.log))
     return metrics

@@ -10,10 +10,10 @@ A recipe module builds a `Recipe` and binds it to `RECIPE`; `load_recipe(path)` 
 """
 
 from cpt_kit.recipe.schema import (ALL_LINEAR, QUANT_TYPES, Data, Eval, Export, Lora, Model,
-                                   ModelfileSpec, Recipe, Replay, Sft, TokenizerExtension, Train, field_docs)
+                                   ModelfileSpec, Recipe, Replay, Safety, Sft, TokenizerExtension, Train, field_docs)
 from cpt_kit.recipe.load import load_recipe, recipe_from_dict
 from cpt_kit.recipe.overrides import apply_overrides, parse_value
 
 __all__ = ["ALL_LINEAR", "QUANT_TYPES", "Data", "Eval", "Export", "Lora", "Model", "ModelfileSpec",
-           "Recipe", "Replay", "Sft", "TokenizerExtension", "Train", "apply_overrides", "field_docs", "load_recipe",
+           "Recipe", "Replay", "Safety", "Sft", "TokenizerExtension", "Train", "apply_overrides", "field_docs", "load_recipe",
            "parse_value", "recipe_from_dict"]

@@ -161,6 +161,17 @@ def check_values(r: Recipe) -> None:
             _require(q in QUANT_TYPES, f"export.{key}", f"unknown quantization {q!r}", closest_hint(q, QUANT_TYPES))
     _require(e.imatrix_tokens >= 512, "export.imatrix_tokens", f"must be >= 512, got {e.imatrix_tokens}")
     _require(e.modelfile.num_ctx is None or e.modelfile.num_ctx > 0, "export.modelfile.num_ctx", "must be > 0")
+    if r.safety is not None:
+        check_safety(r.safety)
+
+
+def check_safety(s) -> None:
+    _require(bool(s.languages), "safety.languages", "no languages to probe", "e.g. ('en',) or ('en', 'eo')")
+    _require(bool(s.formats) and set(s.formats) <= {"hf", "gguf"}, "safety.formats",
+             f"must be hf and/or gguf, got {s.formats}")
+    for key in ("min_pass_rate", "min_category_pass_rate"):
+        _require(0 <= getattr(s, key) <= 1, f"safety.{key}", f"must be in [0, 1], got {getattr(s, key)}")
+    _require(s.max_new_tokens > 0, "safety.max_new_tokens", f"must be > 0, got {s.max_new_tokens}")
 
 
 def check_sft(r: Recipe) -> None:

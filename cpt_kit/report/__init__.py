@@ -214,7 +214,7 @@ def _data(facts: Facts, has_plot: bool) -> list[Block]:
 
 
 def _safety(facts: Facts, has_plot: bool) -> list[Block]:
-    if not facts.safety:
+    if not facts.safety or not facts.safety.get("ran", True):  # {"ran": false}: a recipe without a probe
         return []
     rates = facts.safety.get("pass_rates", {})
     rows = []
@@ -240,6 +240,9 @@ def _files(facts: Facts) -> list[Block]:
     blocks: list[Block] = [Heading("Files")]
     if files:
         blocks.append(Table(("file", "size"), tuple((f"`{p}`", f"{size / 1e6:,.1f} MB") for p, size in files)))
+    if facts.metrics("compare").get("comparison"):
+        blocks.append(Text(f"Before / after, the same prompts answered by every model of the lineage: "
+                           f"`{facts.metrics('compare')['comparison']}`."))
     blocks.append(Text(f"Everything is under `{facts.run.root}`; `manifest.json` records the recipe, library "
                        "versions, and per stage its inputs, outputs (with content hashes), timings and metrics."))
     modelfile = facts.run.ollama / "Modelfile"
