@@ -35,7 +35,7 @@ def test_export_adapter_then_run_dir(adapter_dir, tiny_base, tmp_path):
     assert manifest["stages"]["merge"]["status"] == "done"
     assert manifest["stages"]["merge"]["metrics"]["merge_math_rel_diff"] < 1e-5
     assert manifest["stages"]["gguf"]["status"] == "done" and "modelfile" not in manifest["stages"]
-    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["eo-F16.gguf", "eo-Q8_0.gguf"]
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["eo-F16.gguf", "eo-Q8_0.gguf", "quality.json"]
     assert json.loads((out / "adapter" / "cpt_kit_train.json").read_text())["external"] is True
 
     again = invoke("export", "--adapter", adapter_dir, "--base", tiny_base, "--output-dir", out,
