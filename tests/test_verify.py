@@ -376,7 +376,7 @@ def test_failed_quant_run_settles_a_rerun_redoes_nothing_before_verify(tiny_reci
 
     assert planned("modelfile") == {}
     # verify failed and the report never ran: nothing else is redone
-    assert planned() == {"verify": ["failed last time"], "report": ["not run yet"]}
+    assert planned() == {"verify": ["failed last time"], "safety": ["not run yet"], "report": ["not run yet"]}
     with pytest.raises(VerificationError, match="Q4_K_M over its limit"):
         run_pipeline(recipe, run, quiet_console())
     assert (run.ollama / "Modelfile").read_bytes() == modelfile_bytes
