@@ -149,3 +149,14 @@ def checkpoints_newest_first(checkpoints: Path) -> list[tuple[int, Path]]:
         if suffix.isdigit() and path.is_dir():
             found.append((int(suffix), path))
     return sorted(found, reverse=True)
+
+
+def load_prepared_split(data_dir: Path, name: str):
+    """data/<name> (train, heldout) as prepare saved it; a missing split says to run prepare."""
+    from datasets import load_from_disk
+
+    path = Path(data_dir) / name
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist", where=str(path),
+                        hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
+    return path, load_from_disk(str(path))

@@ -20,15 +20,11 @@ from cpt_kit.errors import DataError
 
 def load_conversations(data_dir: Path):
     """data/train and data/heldout as datasets with input_ids/labels rows."""
-    from datasets import load_from_disk
+    from cpt_kit.run_files import load_prepared_split
 
     sets = []
     for name in ("train", "heldout"):
-        path = Path(data_dir) / name
-        if not path.is_dir():
-            raise DataError(f"{path} does not exist", where=str(path),
-                            hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
-        ds = load_from_disk(str(path))
+        path, ds = load_prepared_split(data_dir, name)
         if "labels" not in ds.column_names:
             raise DataError(f"{path} holds CPT blocks, not conversations (columns: {ds.column_names})",
                             where="train.objective", hint="rerun the prepare stage for train.objective='sft'")

@@ -152,15 +152,11 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
 def load_blocks(data_dir: Path, seq_len: int):
     """data/train and data/heldout as datasets with `input_ids` rows of exactly seq_len ids."""
-    from datasets import load_from_disk
+    from cpt_kit.run_files import load_prepared_split
 
     sets = []
     for name in ("train", "heldout"):
-        path = Path(data_dir) / name
-        if not path.is_dir():
-            raise DataError(f"{path} does not exist", where=str(path),
-                            hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
-        ds = load_from_disk(str(path))
+        path, ds = load_prepared_split(data_dir, name)
         if "input_ids" not in ds.column_names:
             raise DataError(f"{path} has no input_ids column (columns: {ds.column_names})", where=str(path),
                             hint="rerun the prepare stage")
