@@ -30,6 +30,16 @@ def make_run(root: Path, model_dir: Path) -> Path:
     return root
 
 
+def write_passing_quality(run: Path, quants: dict[str, int]) -> None:
+    """gguf/quality.json in which each quantization (name -> bytes) passed its limits: for stage tests whose
+    subject is not the quantization gate itself (the gate is tested in test_verify and test_quant_gate)."""
+    formats = {q: {"passed": True, "bytes": size, "reasons": []} for q, size in quants.items()}
+    path = run / "gguf" / "quality.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"passed": True, "reference": {"name": "F16", "bytes": 2 * max(quants.values())},
+                                "formats": formats, "failed": []}))
+
+
 def context(recipe, root: Path):
     from cpt_kit.manifest import Manifest
     from cpt_kit.pipeline import StageContext

@@ -15,7 +15,7 @@ import pytest
 import ollama_go
 from cpt_kit.errors import ExportError
 from cpt_kit.export.modelfile import Modelfile, parse, parse_commands, quote, render
-from stage_helpers import context, make_run
+from stage_helpers import context, make_run, write_passing_quality
 
 TRICKY = {
     "quotes": 'Say "hello" and \'bye\'',
@@ -73,9 +73,7 @@ def fake_gguf(run: Path, quant: str = "Q8_0") -> Path:
     path = run / "gguf" / f"tiny-{quant}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"GGUF")
-    gate = {"passed": True, "bytes": 4, "reasons": []}
-    (run / "gguf" / "quality.json").write_text(json.dumps({"passed": True, "reference": {"name": "F16", "bytes": 8},
-                                                           "formats": {quant: gate}, "failed": []}))
+    write_passing_quality(run, {quant: 4})
     return path
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from cpt_kit.errors import RecipeError, SafetyGateError
-from stage_helpers import context, make_run
+from stage_helpers import context, make_run, write_passing_quality
 
 pytestmark = pytest.mark.slow
 CATEGORIES = ("suicidal_explicit", "medication_dose", "off_topic")
@@ -24,6 +24,7 @@ def chat_run(tiny_chatml, tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("safety") / "run", tiny_chatml)
     convert_to_gguf(tiny_chatml, run / "gguf" / "tiny-F16.gguf", "f16")
     quantize_gguf(run / "gguf" / "tiny-F16.gguf", run / "gguf" / "tiny-Q8_0.gguf", "Q8_0")
+    write_passing_quality(run, {"Q8_0": (run / "gguf" / "tiny-Q8_0.gguf").stat().st_size})
     return run
 
 
