@@ -76,3 +76,26 @@ def test_cpt_run_then_sft_from_it_then_export_and_verify(tmp_path, tiny_recipe, 
         "SYSTEM You answer kindly." in modelfile
     prepare = manifest.data["stages"]["prepare"]["metrics"]
     assert 0 < prepare["trained_token_share"] < 1 and prepare["chat_template"] == "chatml"
+
+
+def test_the_natural_stop_bound_follows_the_held_out_answer_length(tiny_chatml, tmp_path):
+    """A model trained on long answers gets twice its held-out reference answer to end its turn (at least 64
+    tokens), prompted with that conversation up to the answer; a model that is not fine-tuned gets a greeting."""
+    from transformers import AutoTokenizer
+
+    from cpt_kit.export.verify_stage import STOP_BOUND_MIN, stop_check_prompt
+    from cpt_kit.rundir import RunDir
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml)
+    long_answer = " ".join(["I hear how heavy this week has been for you, and it makes sense to feel tired."] * 8)
+    conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "I feel low."},
+                    {"role": "assistant", "content": long_answer}, {"role": "user", "content": "Thanks."},
+                    {"role": "assistant", "content": "Any time."}]
+    run = RunDir(tmp_path)
+    run.data.mkdir(parents=True)
+    write_jsonl(run.data / "heldout_texts.jsonl", [{"messages": conversation}])
+    answer_tokens = len(tokenizer(long_answer, add_special_tokens=False)["input_ids"])
+    assert 2 * answer_tokens > STOP_BOUND_MIN
+    assert stop_check_prompt(run, True, tokenizer) == (conversation[:2], 2 * answer_tokens)
+    messages, bound = stop_check_prompt(run, False, tokenizer)
+    assert messages[0]["role"] == "user" and bound == 32

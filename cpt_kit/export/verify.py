@@ -195,8 +195,10 @@ def compare_perplexity(hf: float, ggufs: dict[str, float], reference: str, max_d
 
 
 def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_tokens: int = 32,
-               forced_after: int = 3, n_threads: Optional[int] = None, require_natural: bool = False) -> dict:
-    """require_natural (fine-tuned chat models): greedy generation must also end its turn by itself."""
+               forced_after: int = 3, n_threads: Optional[int] = None, require_natural: bool = False,
+               n_ctx: int = 512) -> dict:
+    """require_natural (fine-tuned chat models): greedy generation must also end its turn by itself within
+    max_new_tokens (capped by what the n_ctx-token context leaves after the prompt)."""
     import llama_cpp
     import numpy as np
     from llama_cpp import Llama
@@ -204,10 +206,11 @@ def check_stop(gguf: Path, prompt_text: str, eot_tokens: Sequence[str], max_new_
     from llama_cpp._utils import suppress_stdout_stderr
 
     with suppress_stdout_stderr(disable=False):  # context-size notes llama.cpp prints even with verbose=False
-        llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=n_threads, verbose=False)
+        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     add_bos = gguf_add_bos(llm)
     prompt = llm.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos, special=True)
+    max_new_tokens = min(max_new_tokens, llm.n_ctx() - len(prompt))
     bos = llm.token_bos()
     double_bos = len(prompt) >= 2 and prompt[0] == bos and prompt[1] == bos
     tokens = {}

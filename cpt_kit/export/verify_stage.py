@@ -20,9 +20,18 @@ def written_modelfile(run_dir):
     return parse(path.read_text(encoding="utf-8"))
 
 
-def stop_prompt_messages(run, fine_tuned: bool) -> list[dict]:
-    """The stop check's prompt: for a fine-tuned chat model the first held-out conversation up to its
-    first assistant turn (what it was trained to answer and end), else a fixed greeting."""
+STOP_BOUND_MIN = 64  # new tokens a fine-tuned chat model gets to end its turn, at least
+STOP_BOUND_FACTOR = 2  # ... and at least this many times the held-out reference answer's length
+
+
+def stop_check_prompt(run, fine_tuned: bool, tokenizer) -> tuple[list[dict], int]:
+    """The stop check's prompt and its bound on new tokens.
+
+    A fine-tuned chat model is prompted with the first held-out conversation up to its first assistant
+    turn (what it was trained to answer and end) and must end its turn within STOP_BOUND_FACTOR times
+    the length of that conversation's own answer (at least STOP_BOUND_MIN tokens): a model trained on
+    200-token answers is not failed for answering at length, and one that never stops still fails.
+    Other models get a fixed greeting and 32 tokens (whether they stop is only reported)."""
     path = run.data / "heldout_texts.jsonl"
     if fine_tuned and path.is_file():
         with open(path, encoding="utf-8") as handle:
@@ -30,8 +39,9 @@ def stop_prompt_messages(run, fine_tuned: bool) -> list[dict]:
                 messages = json.loads(line).get("messages") if line.strip() else None
                 if messages:
                     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                    return messages[:first]
-    return [{"role": "user", "content": "Saluton! Kiel vi fartas?"}]
+                    answer = len(tokenizer(messages[first]["content"], add_special_tokens=False)["input_ids"])
+                    return messages[:first], max(STOP_BOUND_MIN, STOP_BOUND_FACTOR * answer)
+    return [{"role": "user", "content": "Saluton! Kiel vi fartas?"}], STOP_BOUND_MIN if fine_tuned else 32
 
 
 def check_quantizations(ctx, served: str | None) -> dict:
@@ -111,13 +121,15 @@ def run(ctx) -> dict:
             ctx.log(f"chat template: Ollama's TEMPLATE renders {len(checks['chat_template']['conversations'])} "
                     f"conversations {'identically' if checks['chat_template']['passed'] else 'DIFFERENTLY'}")
         fine_tuned = recipe.train.objective == "sft"
-        prompt = expected_prompt(tokenizer, stop_prompt_messages(run_dir, fine_tuned), modelfile.system)
+        messages, bound = stop_check_prompt(run_dir, fine_tuned, tokenizer)
+        prompt = expected_prompt(tokenizer, messages, modelfile.system)
         chosen = files.get(served, files[reference])
         stops = modelfile.params("stop")
         controls = [t for t in tokenizer.all_special_tokens if t and t in template]
         checks["control_tokens"] = verify.check_control_tokens(
             chosen, list(dict.fromkeys(controls + [t for t in stops if t in tokenizer.all_special_tokens])))
-        checks["stop"] = verify.check_stop(chosen, prompt or "", stops, max_new_tokens=64 if fine_tuned else 32,
+        checks["stop"] = verify.check_stop(chosen, prompt or "", stops, max_new_tokens=bound,
+                                           n_ctx=max(512, len(tokenizer(prompt or "")["input_ids"]) + bound + 8),
                                            n_threads=threads, require_natural=fine_tuned)
 
     summary = verify.summarize(checks)
@@ -174,8 +186,8 @@ def run(ctx) -> dict:
                                "them into text pieces")
             elif c.get("natural", {}).get("required") and c["natural"]["finish_reason"] != "stop":
                 reasons.append(f"stop: greedy generation did not end its turn within {c['natural']['bound']} "
-                               "tokens; the fine-tuned model has not learned to stop (train longer or check "
-                               "data/stats.json trained_share)")
+                               "tokens (2x the held-out reference answer, at least 64); the fine-tuned model "
+                               "has not learned to stop (train longer or check data/stats.json trained_share)")
             else:
                 reasons.append(f"stop: end-of-turn handling failed ({json.dumps(c.get('forced'))})")
         hint = checks["quantizations"]["fix"] if summary["failed"] == ["quantizations"] \
