@@ -51,10 +51,13 @@ def training_inputs(model: Any, tokenizer: Any, train_dataset: Any, recipe: Any,
 
 
 def pack(dataset: Any, max_length: int):
-    """Conversations packed into rows of at most max_length tokens (TRL's BFD packer; adds seq_lengths)."""
+    """Conversations packed into rows of at most max_length tokens (TRL's BFD packer; adds seq_lengths).
+
+    Packed in memory: a cached map would write a cache-*.arrow file into the run's data/train, which
+    is the train stage's own recorded input, so the next run would see its input changed and retrain."""
     from trl.data_utils import pack_dataset
 
-    return pack_dataset(dataset, max_length, strategy="bfd")
+    return pack_dataset(dataset, max_length, strategy="bfd", map_kwargs={"keep_in_memory": True})
 
 
 def collator(pad_token_id: int, packing: bool):
