@@ -2,10 +2,11 @@
 
 A quantization passes when its perplexity increase over the unquantized GGUF and its mean KL
 divergence from it (both measured by `quant_quality.compare_to_reference`) are within its limits.
-The defaults below come from bench/quant_levers.py (docs in the README): they pass what llama.cpp's
-quantizers give a small model when the quality levers are on (token_embd/output at Q8_0, an
-importance matrix) with room for a still-undertrained model, and fail the collapse seen without them
-(a 270M model's Q4_K_M at +225% perplexity). A recipe overrides them per quantization with
+The defaults below (table in the README) pass what llama.cpp's quantizers were measured to give real
+small models (issue 11: Q8_0 +2.3..3.2%, Q4_K_M +10.8% on a 135M model), with the order of llama.cpp's
+published KL tables, and fail the collapse seen on a 270M model's Q4_K_M (+225% perplexity).
+bench/quant_levers.py could not refine them: offline-trained toy models are too flat to be hurt by any
+quantization (mean KL <= 0.0003 even at Q4_K_M). A recipe overrides them per quantization with
 `export.quant_max_ppl_delta` / `export.quant_max_kl` items such as "Q4_K_M=0.3" or "Q4_K_M=none".
 
 The gguf stage gates every quantization right after making it and writes gguf/quality.json
@@ -21,8 +22,8 @@ from typing import Optional
 
 # quantization -> (max perplexity increase as a share, max mean KL divergence in nats/token)
 DEFAULT_LIMITS: dict[str, tuple[float, float]] = {
-    "Q8_0": (0.02, 0.01),
-    "Q6_K": (0.05, 0.03),
+    "Q8_0": (0.04, 0.02),  # a real 270M model's llama.cpp Q8_0 measured +2.3..3.2% (issue 11): it must pass
+    "Q6_K": (0.06, 0.04),
     "Q5_K_M": (0.08, 0.06), "Q5_K_S": (0.10, 0.08), "Q5_1": (0.10, 0.08), "Q5_0": (0.10, 0.08),
     "Q4_K_M": (0.15, 0.12), "Q4_K_S": (0.20, 0.15), "Q4_1": (0.25, 0.20), "Q4_0": (0.25, 0.20),
     "Q3_K_L": (0.35, 0.30), "Q3_K_M": (0.40, 0.35), "Q3_K_S": (0.50, 0.45),
