@@ -35,6 +35,7 @@ def _library() -> ctypes.CDLL:
         "gguf_get_tensor_type": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
         "gguf_find_key": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
         "gguf_get_val_str": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+        "gguf_get_arr_n": ([ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
         "ggml_type_name": ([ctypes.c_int], ctypes.c_char_p),
     }
     for name, (args, result) in signatures.items():
@@ -44,7 +45,7 @@ def _library() -> ctypes.CDLL:
 
 
 def read_header(path: Path) -> dict:
-    """{"architecture", "data_offset", "tensors": [(name, type name, offset in file, bytes)]};
+    """{"architecture", "n_vocab", "data_offset", "tensors": [(name, type name, offset in file, bytes)]};
     ValueError when llama.cpp cannot parse the header."""
     lib = _library()
     ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
@@ -57,6 +58,8 @@ def read_header(path: Path) -> dict:
                    for i in range(lib.gguf_get_n_tensors(ctx))]
         key = lib.gguf_find_key(ctx, b"general.architecture")
         arch = lib.gguf_get_val_str(ctx, key).decode() if key >= 0 else None
+        key = lib.gguf_find_key(ctx, b"tokenizer.ggml.tokens")
+        n_vocab = lib.gguf_get_arr_n(ctx, key) if key >= 0 else None
     finally:
         lib.gguf_free(ctx)
-    return {"architecture": arch, "data_offset": base, "tensors": tensors}
+    return {"architecture": arch, "n_vocab": n_vocab, "data_offset": base, "tensors": tensors}

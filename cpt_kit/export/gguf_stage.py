@@ -10,7 +10,9 @@ modelfile stage (which file to serve) and verify (pass/fail) read."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
 
 from cpt_kit.errors import ExportError
 from cpt_kit.run_files import gguf_files, quality_path
@@ -135,7 +137,9 @@ def run(ctx) -> dict:
         metrics[f"{quant}_mib"] = round(files_metrics[quant]["bytes"] / 2**20, 2)
         metrics[f"{quant}_fallback"] = f"{files_metrics[quant]['fallback_tensors']} of {files_metrics[quant]['fallback_of']}"
     metrics[f"{outtype}_mib"] = round(base["bytes"] / 2**20, 2)
+    started = time.perf_counter()
     quality = measure_quality(ctx, files, files_metrics)
+    metrics["quality_seconds"] = round(time.perf_counter() - started, 2)
     metrics["quant_failed"] = quality["failed"]
     for quant, result in quality["formats"].items():
         metrics[f"{quant}_ppl_delta"] = round(result["ppl_delta"], 5)

@@ -36,16 +36,13 @@ def log_softmax(logits):
 
 
 def vocab_size(path: Path) -> int:
-    """Vocabulary size of a GGUF (a vocab-only load: no weights are read)."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
+    """Vocabulary size of a GGUF, from its header (no model load)."""
+    from cpt_kit.export.gguf_header import read_header
 
-    with suppress_stdout_stderr(disable=False):
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try:
-        return llm.n_vocab()
-    finally:
-        llm.close()
+    n_vocab = read_header(path)["n_vocab"]
+    if n_vocab is None:
+        raise ValueError(f"{path} has no tokenizer.ggml.tokens")
+    return n_vocab
 
 
 class ChunkedEvaluator:
