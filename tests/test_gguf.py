@@ -87,6 +87,9 @@ def test_gguf_carries_untied_head_and_added_tokens(exported):
     vocab = [bytes(tokens.parts[i]).decode() for i in tokens.data]
     types = reader.fields["tokenizer.ggml.token_type"]
     assert len(vocab) == 1003
+    from cpt_kit.export.gguf_header import read_header
+    from cpt_kit.export.quant_quality import vocab_size
+    assert read_header(ctx.run.gguf / "tiny-Q8_0.gguf")["n_vocab"] == vocab_size(ctx.run.gguf / "tiny-F16.gguf") == 1003
     for offset, token in enumerate(NEW_TOKENS):
         assert vocab[1000 + offset] == token
         assert int(types.parts[types.data[1000 + offset]][0]) == 4  # USER_DEFINED
