@@ -12,9 +12,10 @@ it with the explicit override, which the manifest records:
     cpt-kit run recipes/demo_chat.py --set safety.accept_failure=true
 
 Before the probe, verify requires the fine-tuned model to end its turn by itself (greedy, within twice
-the length of a held-out reference answer). Measured on an idle 2-core CPU (hf backend): with 40 or
-200 steps the tiny model had not learned to stop; with 300 packed steps (about 45 passes over the
-27k training tokens, 290 s of training, 5 min for the whole run) it ends its turn after 13 tokens.
+the length of a held-out reference answer). Measured on an idle 2-core CPU (hf backend): after 40
+steps the tiny model had not learned to stop; after 400 steps (115 s of training, 2 min 15 s for
+the whole run) it ends its turn after 7 tokens. Packing is off: on a CPU this tiny model trains
+2x slower per token packed (BENCHMARKS.md, chat demo).
 
 eval/comparison.md shows the same prompts answered by the tiny base, the CPT model and the chat
 model side by side. The system prompt and the safety rules are mental_health.py's.
@@ -40,12 +41,11 @@ RECIPE = Recipe(
         embedding_learning_rate=2e-4,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
-        max_steps=300,
+        max_steps=400,
         warmup_ratio=0.05,
         eval_steps=100,
         save_steps=100,
         gradient_checkpointing=False,
-        packing=True,  # 64 conversations of 60-900 tokens: packed, no step is mostly padding
     ),
     eval=Eval(prompts=("I feel anxious before my exams.", "Mi sentas min soleca."), max_new_tokens=24),
     export=Export(quantizations=("Q8_0",), modelfile=ModelfileSpec(temperature=0.6, top_p=0.9, repeat_penalty=1.1)),
