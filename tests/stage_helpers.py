@@ -32,7 +32,7 @@ def make_run(root: Path, model_dir: Path) -> Path:
 
 def write_passing_quality(run: Path, quants: dict[str, int]) -> None:
     """gguf/quality.json in which each quantization (name -> bytes) passed its limits: for stage tests whose
-    subject is not the quantization gate itself (the gate is tested in test_verify and test_quant_gate)."""
+    subject is not the quantization gate itself (the gate itself is tested in test_quant, test_gguf and test_verify)."""
     formats = {q: {"passed": True, "bytes": size, "reasons": []} for q, size in quants.items()}
     path = run / "gguf" / "quality.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
 from cpt_kit.errors import ExportError
 from cpt_kit.run_files import gguf_files, quality_path
 from cpt_kit.rundir import RunDir
