@@ -151,12 +151,16 @@ def checkpoints_newest_first(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def load_prepared_split(data_dir: Path, name: str):
-    """data/<name> (train, heldout) as prepare saved it; a missing split says to run prepare."""
+def load_prepared_split(data_dir: Path, name: str, in_memory: bool = False):
+    """data/<name> (train, heldout) as prepare saved it; a missing split says to run prepare.
+
+    in_memory: read it into memory, so that no later `Dataset.map` (TRL's packer, a trainer's own
+    preprocessing) writes a cache-*.arrow file into the run's data folder, which is a recorded input
+    of the stages after prepare (a new file there would make the next run redo them)."""
     from datasets import load_from_disk
 
     path = Path(data_dir) / name
     if not path.is_dir():
         raise DataError(f"{path} does not exist", where=str(path),
                         hint="run the prepare stage first (cpt-kit run RECIPE --until prepare)")
-    return path, load_from_disk(str(path))
+    return path, load_from_disk(str(path), keep_in_memory=in_memory)

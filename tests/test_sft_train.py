@@ -80,6 +80,9 @@ def check_sft_run(root: Path, backend: str) -> dict:
     assert embed.shape[0] == 1002  # <|im_start|>, <|im_end|> added
     info = json.loads((root / "adapter" / "cpt_kit_train.json").read_text())
     assert info["objective"] == "sft" and info["vocab_size"] == 1002
+    for split in ("train", "heldout"):  # training wrote no dataset cache into prepare's (recorded) output
+        assert sorted(p.name for p in (root / "data" / split).iterdir()) == \
+            ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
     return metrics
 
 

@@ -19,12 +19,13 @@ from cpt_kit.errors import DataError
 
 
 def load_conversations(data_dir: Path):
-    """data/train and data/heldout as datasets with input_ids/labels rows."""
+    """data/train and data/heldout as datasets with input_ids/labels rows (in memory: conversations are
+    small, and packing or a trainer's preprocessing then writes no cache file into the run)."""
     from cpt_kit.run_files import load_prepared_split
 
     sets = []
     for name in ("train", "heldout"):
-        path, ds = load_prepared_split(data_dir, name)
+        path, ds = load_prepared_split(data_dir, name, in_memory=True)
         if "labels" not in ds.column_names:
             raise DataError(f"{path} holds CPT blocks, not conversations (columns: {ds.column_names})",
                             where="train.objective", hint="rerun the prepare stage for train.objective='sft'")
@@ -51,13 +52,10 @@ def training_inputs(model: Any, tokenizer: Any, train_dataset: Any, recipe: Any,
 
 
 def pack(dataset: Any, max_length: int):
-    """Conversations packed into rows of at most max_length tokens (TRL's BFD packer; adds seq_lengths).
-
-    Packed in memory: a cached map would write a cache-*.arrow file into the run's data/train, which
-    is the train stage's own recorded input, so the next run would see its input changed and retrain."""
+    """Conversations packed into rows of at most max_length tokens (TRL's BFD packer; adds seq_lengths)."""
     from trl.data_utils import pack_dataset
 
-    return pack_dataset(dataset, max_length, strategy="bfd", map_kwargs={"keep_in_memory": True})
+    return pack_dataset(dataset, max_length, strategy="bfd")
 
 
 def collator(pad_token_id: int, packing: bool):
