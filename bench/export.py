@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.worker import run_worker  # noqa: E402
 SECTION = "## export"
 
 MERGE_CHILD = """
@@ -160,12 +160,10 @@ def dir_bytes(path: Path) -> int:
 
 def measure_merge(base: Path, adapter: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-c", MERGE_CHILD, str(base), str(adapter), str(out)],
-                          capture_output=True, text=True, cwd=REPO)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"merge subprocess failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    result = run_worker([sys.executable, "-c", MERGE_CHILD, str(base), str(adapter), str(out)])
+    if result is None:
+        raise SystemExit("merge subprocess failed")
+    return result
 
 
 def tokens_per_second_llama(path: Path, prompt_ids: list[int], n: int, threads: int) -> float:

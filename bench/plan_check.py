@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.worker import run_worker  # noqa: E402
 
 GPU_RUNS = [
     dict(shape="llama-3.2-1b", backend="unsloth", seq=2048, batch=2, r=128, gc=True),
@@ -40,15 +39,11 @@ def measure(run: dict, work: Path, steps: int) -> float:
     cmd = [sys.executable, str(REPO / "bench" / "train.py"), "--worker", worker, "--work", str(work / "w"),
            "--model", str(model), "--seq-len", str(run["seq"]), "--steps", str(steps), "--warmup", "1",
            "--batch-size", str(run["batch"]), "--r", str(run["r"]), "--load-in-4bit"]
-    env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{run} failed (exit {proc.returncode})")
+    result = run_worker(cmd)
+    if result is None:
+        raise SystemExit(f"{run} failed")
     subprocess.run(["rm", "-rf", str(work / "w")], check=False)
-    return json.loads(lines[-1][len("RESULT "):])["memory_mb"]
+    return result["memory_mb"]
 
 
 def estimate_mib(run: dict, cuda: bool) -> tuple[float, float]:

@@ -20,13 +20,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.worker import run_worker  # noqa: E402
 CONFIGS = {"hf": ("hf", False), "unsloth": ("unsloth", False), "hf+packing": ("hf", True),
            "unsloth+packing": ("unsloth", True)}
 
@@ -103,14 +103,8 @@ def run_config(config: str, args: argparse.Namespace, work: Path) -> dict:
            str(args.batch_size), "--grad-accum", str(args.grad_accum), "--r", str(args.r)]
     cmd += ["--load-in-4bit"] if args.load_in_4bit else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1", PYTHONPATH=pythonpath)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        return {"config": config, "error": f"exit {proc.returncode}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    result = run_worker(cmd)
+    return result if result is not None else {"config": config, "error": "worker failed"}
 
 
 def main() -> None:

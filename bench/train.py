@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.worker import run_worker  # noqa: E402
 LR, EMBED_LR = 5e-5, 5e-6
 
 
@@ -177,14 +177,9 @@ def run_one(name: str, args: argparse.Namespace, work: Path, repeat: int) -> dic
            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--r", str(args.r),
            "--threads", str(args.threads)]
     cmd += ["--load-in-4bit"] if args.load_in_4bit else []
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, UNSLOTH_SKIP_TORCHVISION_CHECK="1", PYTHONPATH=pythonpath)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"run {name} failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_worker(cmd)
+    if result is None:
+        raise SystemExit(f"run {name} failed")
     spec, _, code = name.partition("@")
     result["run"] = f"{spec} ({Path(code).name} checkout)" if code else spec
     print(json.dumps(result), flush=True)
