@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.markdown import add_to_section  # noqa: E402
 from bench.worker import run_worker  # noqa: E402
 
 GPU_RUNS = [
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--only", help="comma-separated indices of the configurations to run (default: all)")
-    p.add_argument("--out", help="append the table to this Markdown file")
+    p.add_argument("--out", help="add the table to the '## planner' section of this Markdown file")
     args = p.parse_args()
     import torch
 
@@ -91,8 +92,7 @@ def main() -> None:
             f"; {args.steps} steps each; {kind}\n\n" + "\n".join(rows) + "\n")
     print(text)
     if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+        add_to_section(Path(args.out), "planner", text)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.markdown import add_to_section  # noqa: E402
 LEVERS = {"none": {}, "embd/out Q8_0": {"token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0"},
           "imatrix": {"imatrix": True}, "both": {"token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0", "imatrix": True}}
 QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--imatrix-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quants", default=",".join(QUANTS), help="comma-separated quantization types")
-    parser.add_argument("--out", help="append the table to this Markdown file")
+    parser.add_argument("--out", help="add the table to the '## export' section of this Markdown file")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -154,8 +155,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+        add_to_section(Path(args.out), "export", text)
 
 
 if __name__ == "__main__":

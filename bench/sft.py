@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.markdown import add_to_section  # noqa: E402
 from bench.worker import run_worker  # noqa: E402
 CONFIGS = {"hf": ("hf", False), "unsloth": ("unsloth", False), "hf+packing": ("hf", True),
            "unsloth+packing": ("unsloth", True)}
@@ -119,7 +120,7 @@ def main() -> None:
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit base (CUDA only; CPU loads 32-bit)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--configs", default="hf,unsloth,hf+packing,unsloth+packing")
-    p.add_argument("--out", help="Markdown file whose '## sft' section the results replace (e.g. BENCHMARKS.md)")
+    p.add_argument("--out", help="add the table to the '## sft' section of this Markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -158,7 +159,7 @@ def write_report(path: Path | None, args: argparse.Namespace, label: str, result
     ratios = [f"{a} / {b} tokens/s: **{by[a]['tokens_per_second'] / by[b]['tokens_per_second']:.2f}x**"
               for a, b in (("unsloth", "hf"), ("hf+packing", "hf"), ("unsloth+packing", "unsloth")) if a in by and b in by]
     memory = "CUDA max allocated" if torch.cuda.is_available() else "process RSS"
-    text = f"""## sft
+    text = f"""### bench/sft.py, {datetime.date.today().isoformat()}, {device}
 
 SFT throughput, unsloth vs hf backend, without and with packing: same model, data and config,
 each configuration in its own process, in one run (the baseline is the hf row of the same run).
@@ -176,9 +177,7 @@ each configuration in its own process, in one run (the baseline is the hf row of
 """
     print(text)
     if path is not None:
-        old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-        keep = old.split("\n## sft\n")[0].rstrip()
-        path.write_text(keep + "\n\n" + text, encoding="utf-8")
+        add_to_section(path, "sft", text)
 
 
 if __name__ == "__main__":

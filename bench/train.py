@@ -16,7 +16,8 @@ embed_tokens/lm_head as full weights), batch, sequence length and precision:
 (on a shared machine the load changes from minute to minute).
 
 Step time is the median interval between consecutive optimizer steps after `--warmup` steps,
-measured by the same callback in every run. Writes a "## train" section into `--out`.
+measured by the same callback in every run. Prints a table; `--out BENCHMARKS.md` adds it as a new
+subsection at the end of that file's "## train" section (nothing already there changes).
 
     python bench/train.py                                   # tiny offline model, CPU
     python bench/train.py --shape smollm-135m --seq-len 256 --batch-size 2 --steps 8 --runs plain,hf,hf+gc
@@ -37,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.markdown import add_to_section  # noqa: E402
 from bench.worker import run_worker  # noqa: E402
 LR, EMBED_LR = 5e-5, 5e-6
 
@@ -202,22 +204,6 @@ def median_over_repeats(results: list[dict]) -> list[dict]:
     return rows
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the "## train" section of the markdown file at `path`."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    out, skipping = [], False
-    for line in old.splitlines():
-        if line.startswith("## "):
-            skipping = line.strip() == "## train"
-            if skipping:
-                continue
-        if not skipping:
-            out.append(line)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def report(args: argparse.Namespace, results: list[dict], model_label: str) -> str:
     base = next((r for r in results if r["run"] == "plain"), results[0])
     rows = [f"| run | wall s/step (range) | x {base['run']} | CPU s/step (range) | x {base['run']} | tokens/s "
@@ -230,7 +216,7 @@ def report(args: argparse.Namespace, results: list[dict], model_label: str) -> s
                     f"| {r['cpu_seconds_per_step'] / base['cpu_seconds_per_step']:.2f}x | {r['tokens_per_second']:.0f} "
                     f"| {r['memory_mb']:.0f} | {r['precision']} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     memory_kind = "CUDA peak allocated" if results[0]["device_type"] == "cuda" else "peak process RSS"
-    return f"""## train
+    return f"""### bench/train.py, {datetime.date.today().isoformat()}, {os.cpu_count()} CPU threads
 
 Training step time: cpt-kit's train stage (hf / unsloth backend) against a plain transformers+PEFT
 `Trainer` script (`plain`, the baseline), same model and config, each run in its own process, same
@@ -268,7 +254,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="run the list this many times, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default); 1 keeps "
                    "an oversubscribed shared machine from inflating CPU time with spinning threads")
-    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--out", help="add the table to the '## train' section of this Markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--repeat-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -290,8 +276,9 @@ def main() -> None:
         names = [name.strip() for name in args.runs.split(",") if name.strip()]
         results = [run_one(name, args, work, i) for i in range(args.repeat) for name in names]
     section = report(args, median_over_repeats(results), model_label)
-    write_section(Path(args.out), section)
     print(section)
+    if args.out:
+        add_to_section(Path(args.out), "train", section)
 
 
 if __name__ == "__main__":
