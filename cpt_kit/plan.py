@@ -1,7 +1,9 @@
 """Which stages a run redoes, and why: each stage's fingerprint basis compared with the manifest.
 
 A stage's basis is what its output depends on: the values of the recipe fields it declares
-(`Stage.reads`), the content records of the run files it declares (`Stage.inputs`) and
+(`Stage.reads`), the content records of the run files it declares (`Stage.inputs`: of those,
+the files an earlier stage recorded as its outputs, so a file a user drops into data/train is not
+an input; see input_records) and
 `input_fingerprint(ctx)` of its module (files outside the run: corpus, base tokenizer, tool
 versions). A finished stage is done while its basis is unchanged and the outputs recorded when it
 finished are still on disk, unchanged. Stages are not chained: a stage redoes only because
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cpt_kit.errors import CptKitError
-from cpt_kit.file_records import problems, records
+from cpt_kit.file_records import file_record, files_under, problems
 from cpt_kit.manifest import fingerprint
 
 SHOWN = 3
@@ -52,10 +54,23 @@ def field_values(recipe, keys: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
+def input_records(ctx, paths: tuple[str, ...]) -> dict[str, dict]:
+    """{run file: record} of what a stage reads under its declared input paths: the files that the
+    stages of this run recorded as their outputs there, or every file under a path no stage recorded
+    outputs in (an adapter `cpt-kit export --adapter` copied in, logs/, a run of an older cpt-kit)."""
+    root = ctx.run.root
+    written = {rel for entry in ctx.manifest.data.get("stages", {}).values() for rel in entry.get("outputs", {})}
+    chosen: set[str] = set()
+    for path in paths:
+        found = files_under(root, [path])
+        chosen.update([rel for rel in found if rel in written] or found)
+    return {rel: file_record(root / rel) for rel in sorted(chosen)}
+
+
 def basis(stage, ctx) -> Basis:
     module = importlib.import_module(stage.module)
     external = module.input_fingerprint(ctx) if hasattr(module, "input_fingerprint") else None
-    return Basis(field_values(ctx.recipe, stage.reads), records(ctx.run.root, stage.inputs), external)
+    return Basis(field_values(ctx.recipe, stage.reads), input_records(ctx, stage.inputs), external)
 
 
 @dataclass

@@ -243,6 +243,25 @@ def test_changed_input_file_redoes_the_stages_that_read_it(tmp_path, stand_in_st
     assert calls(run)[len(pipeline.STAGES):] == ["evaluate", "merge", "compare", "gguf", "modelfile", "verify", "safety", "report"]
 
 
+def test_a_file_dropped_among_the_recorded_outputs_redoes_nothing(tmp_path, stand_in_stages):
+    """A stage's inputs are the files the earlier stages recorded as their outputs: a note a user
+    leaves in data/train or adapter/ is not read by any stage, so nothing is redone."""
+    run = RunDir(tmp_path / "run")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    (run.root / "data/train/notes.txt").write_text("where this corpus came from")
+    (run.root / "adapter/README.md").write_text("my adapter")
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    assert calls(run) == list(pipeline.STAGES)
+    (run.root / "data/train/out.txt").write_text("edited by hand")  # a recorded output: prepare redoes it
+    with pytest.raises(CptKitError, match="would replace files this run did not write: data/train/notes.txt"):
+        pipeline.run_pipeline(recipe(), run, quiet_console())  # prepare rewrites data/train: the note would be lost
+    (run.root / "data/train/notes.txt").unlink()
+    pipeline.run_pipeline(recipe(), run, quiet_console())
+    # prepare wrote the same file again, so what reads it is still up to date
+    assert calls(run)[len(pipeline.STAGES):] == ["prepare"]
+    assert (run.root / "data/train/out.txt").read_text().startswith("prepare ")
+
+
 def test_outputs_an_earlier_run_wrote_are_replaced_user_files_never(tmp_path, stand_in_stages, monkeypatch):
     run = RunDir(tmp_path / "run")
     monkeypatch.setenv("GGUF_FILES", "a.gguf,b.gguf")
