@@ -67,6 +67,7 @@ def _run_and_report(console, run, call) -> None:
     """Run `call()` (the pipeline) and print the summary; a failure is printed first, and the summary
     of a failed run offers no next step."""
     from cpt_kit.manifest import Manifest
+    from cpt_kit.run_lock import RunDirectoryBusy
     from cpt_kit.summary import print_summary
 
     try:
@@ -74,7 +75,8 @@ def _run_and_report(console, run, call) -> None:
     except CptKitError as exc:
         click.echo(click.style("error: ", fg="red", bold=True) + exc.render(), err=True)
         with contextlib.suppress(CptKitError):  # an unreadable manifest: the error above says so
-            if run.manifest.exists():
+            # the state of a run another process is working on is its own to report
+            if run.manifest.exists() and not isinstance(exc, RunDirectoryBusy):
                 print_summary(console, run, Manifest.load(run.manifest), failed=True)
         sys.exit(2)
     print_summary(console, run, manifest)
@@ -194,6 +196,7 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
         resolved = recipe_for_adapter(Path(adapter), base, name or Path(adapter).resolve().name, overrides)
         run = default_run_dir(resolved, output_dir)
     check_base(resolved.model)  # before a run directory exists
+    _quiet_library_loggers()
 
     def export_run():
         refuse_foreign_dir(run)

@@ -24,6 +24,10 @@ _held: dict[Path, int] = {}
 """Run directories this process holds (re-entrant: `cpt-kit export --adapter` locks before the pipeline does)."""
 
 
+class RunDirectoryBusy(CptKitError):
+    """Another process holds the run directory's lock (nothing of this run happened)."""
+
+
 def _read(fd: int) -> dict[str, Any]:
     os.lseek(fd, 0, os.SEEK_SET)
     raw = os.read(fd, 65536)
@@ -48,7 +52,7 @@ def _acquire(path: Path) -> tuple[int, dict[str, Any]]:
         except BlockingIOError:
             holder = _read(fd)
             os.close(fd)
-            raise CptKitError(f"another cpt-kit run is using this run directory: {_describe(holder)}",
+            raise RunDirectoryBusy(f"another cpt-kit run is using this run directory: {_describe(holder)}",
                               where=str(path.parent),
                               hint=f"wait for it to finish, or stop it (kill {holder.get('pid', 'PID')}); "
                                    "or use another --output-dir") from None

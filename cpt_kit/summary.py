@@ -77,6 +77,9 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest, failed: bool = 
         console.print(f"outputs in {_display(run.root)}/: " + "  ".join(outputs))
     modelfile = run.ollama / "Modelfile"
     broken = [name for name, entry in manifest.data["stages"].items() if entry.get("status") == "failed"]
+    # a stale verify (after `--stage gguf --force`) has not checked what the Modelfile points at
+    unfinished = [name for name, entry in manifest.data["stages"].items()
+                  if entry.get("status") in ("failed", "stale", "running")]
     if manifest.stage("safety").get("status") == "failed":
         console.print(f"[red]not published:[/red] the safety probe failed (see {_display(run.safety)}; "
                       "a smoke test, not a clinical validation)")
@@ -87,7 +90,10 @@ def print_summary(console: Any, run: RunDir, manifest: Manifest, failed: bool = 
         console.print(f"[red]the run failed{' at ' + ', '.join(broken) if broken else ''}[/red] (error above): "
                       "its outputs are not ready to use; fix the cause and run the same command again "
                       "(finished stages are kept)")
-    elif not broken and manifest.stage("modelfile").get("status") == "done" and modelfile.is_file():
+    elif unfinished:
+        console.print(f"[yellow]not ready:[/yellow] {', '.join(unfinished)} must run again (a stage before "
+                      "them was redone); run the same command without --stage / --until to finish the run")
+    elif manifest.stage("modelfile").get("status") == "done" and modelfile.is_file():
         name = manifest.data.get("recipe", {}).get("name", "my-model")
         console.print(f"next: [bold]ollama create {name} -f {_display(modelfile)}[/bold]")
     console.print(f"manifest: {_display(run.manifest)}")

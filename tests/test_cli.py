@@ -207,3 +207,32 @@ def test_failed_run_prints_the_failure_first_and_no_next_step(tmp_path, monkeypa
     monkeypatch.delenv("FAIL_STAGE")
     fixed = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, "someone/base"), "--output-dir", str(out)])
     assert fixed.exit_code == 0 and "next: ollama create r" in fixed.output
+
+
+def test_a_stale_verify_gets_no_next_step(tmp_path, monkeypatch, stand_in_stages):
+    """`--stage gguf --force` on a finished run leaves verify stale: the Modelfile's GGUF is unchecked."""
+    monkeypatch.setenv("MODELFILE_FILES", "Modelfile")
+    out = tmp_path / "run"
+    recipe = _recipe_with_base(tmp_path, "someone/base")
+    assert CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out)]).exit_code == 0
+    result = CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out), "--stage", "gguf", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "ollama create" not in result.output
+    assert "not ready:" in result.output and "verify" in result.output.split("not ready:")[1]
+
+
+def test_a_busy_run_directory_is_refused_without_the_other_runs_state(tmp_path, stand_in_stages):
+    from test_run_lock import _holder
+
+    out = tmp_path / "run"
+    recipe = _recipe_with_base(tmp_path, "someone/base")
+    assert CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out), "--until", "prepare"]).exit_code == 0
+    holder = _holder(out)
+    try:
+        result = CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2
+    assert f"another cpt-kit run is using this run directory: pid {holder.pid}" in result.output
+    assert "cpt-kit run:" not in result.output and "the run failed" not in result.output
