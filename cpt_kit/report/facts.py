@@ -9,6 +9,7 @@ happen; the report then leaves its section out rather than guessing.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,37 +70,63 @@ class Facts:
     def done(self, name: str) -> bool:
         return self.stage(name).get("status") == "done"
 
+    def failed(self) -> list[tuple[str, str]]:
+        """(stage, error) of each stage the manifest records as failed."""
+        return [(name, entry.get("error", "")) for name, entry in self.manifest.get("stages", {}).items()
+                if entry.get("status") == "failed"]
+
     # --------------------------------------------------------------- derived series
     def perplexity_bars(self) -> list[tuple[str, float]]:
-        """(label, perplexity) in the order a reader compares them: base, trained, exported formats."""
+        """(label, perplexity) in the order a reader compares them: base, trained, replay, then the merged
+        HF model and each exported GGUF on verify's blocks."""
         bars = []
         ev = self.metrics("evaluate")
         for key, label in (("ppl_base", "base"), ("ppl_trained", "trained"),
                            ("replay_ppl_base", "replay: base"), ("replay_ppl_trained", "replay: trained")):
             if isinstance(ev.get(key), (int, float)):
                 bars.append((label, float(ev[key])))
-        for fmt, ppl in self.format_perplexities().items():
-            bars.append((fmt, ppl))
+        for name, scored in self.format_perplexities().items():
+            if math.isfinite(scored["perplexity"]):
+                bars.append(("merged HF" if name == "HF" else f"GGUF {name}", scored["perplexity"]))
         return bars
 
-    def format_perplexities(self) -> dict[str, float]:
-        """Perplexity of each exported format from verify's metrics (keys ppl_<FORMAT>)."""
-        out = {}
-        for key, value in self.metrics("verify").items():
-            if key.startswith("ppl_") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[key[len("ppl_"):]] = float(value)
-        return out
+    def format_perplexities(self) -> dict[str, dict[str, Any]]:
+        """{"HF": {"perplexity", "ci95", "tokens"}, "F16": {..., "delta"}, ...}: the merged HF model and each
+        exported GGUF scored on the same blocks, from verify.json (written also when verify fails); delta is
+        the GGUF's perplexity relative to HF's."""
+        check = self.verify_checks().get("perplexity") or {}
+        if not isinstance(check.get("hf"), (int, float)):
+            return {}
+        scored = {"HF": {"perplexity": float(check["hf"]), "ci95": check.get("hf_ci95"), "tokens": check.get("tokens")}}
+        for name, result in check.get("formats", {}).items():
+            scored[name] = {"perplexity": float(result["perplexity"]), "ci95": result.get("ci95"),
+                            "tokens": result.get("tokens"), "delta": result.get("delta")}
+        return scored
+
+    def verify_checks(self) -> dict[str, dict[str, Any]]:
+        """verify.json's checks by name (tokenizer, perplexity, quantizations, chat_template, control_tokens, stop)."""
+        return (self.verify or {}).get("checks") or {}
+
+    def documents(self) -> dict[str, Any] | None:
+        """Counts of the main data as prepare wrote them: {"read", "kept", "dropped": {reason: n}, ...} of the
+        corpus documents (CPT: stats["corpus"]["documents"]) or of the conversations (SFT:
+        stats["conversations"], which also counts "truncated")."""
+        stats = self.stats or {}
+        counts = (stats.get("corpus") or {}).get("documents") if "corpus" in stats else stats.get("conversations")
+        return counts if isinstance(counts, dict) and isinstance(counts.get("kept"), int) else None
+
+    @property
+    def unit(self) -> str:
+        """What the main data is counted in: "documents" (CPT) or "conversations" (SFT)."""
+        return "conversations" if "conversations" in (self.stats or {}) else "documents"
 
     def document_counts(self) -> dict[str, int]:
-        """{"kept": n, "<drop reason>": n, ...} of the main corpus."""
-        corpus = (self.stats or {}).get("corpus") or (self.stats or {}).get("conversations") or {}
-        dropped = corpus.get("dropped") or {}
-        kept = corpus.get("documents", corpus.get("kept"))
-        if isinstance(kept, dict):
-            kept = kept.get("kept")
-        if not isinstance(kept, int):
+        """{"kept": n, "<drop reason>": n, ...}: every drop reason prepare counted, in its order."""
+        counts = self.documents()
+        if counts is None:
             return {}
-        return {"kept": kept, **{str(k): int(v) for k, v in dropped.items() if isinstance(v, int) and v > 0}}
+        dropped = counts.get("dropped") or {}
+        return {"kept": counts["kept"], **{str(k): int(v) for k, v in dropped.items() if isinstance(v, int)}}
 
     def safety_rates(self) -> dict[str, dict[str, float]]:
         """{format: {category: pass rate}} from safety.json."""
@@ -108,9 +135,11 @@ class Facts:
                 for fmt, r in rates.items() if isinstance(r, dict) and r.get("categories")}
 
     def files(self) -> list[tuple[str, int]]:
-        """(path relative to the run, size in bytes) of what a user takes away."""
+        """(path relative to the run, size in bytes) of what a user takes away: the GGUF models (not the
+        gguf stage's working files such as imatrix.gguf), the Modelfile, the merged model, the adapter."""
         found = []
-        for pattern in ("gguf/*.gguf", "ollama/Modelfile*", "merged/*.safetensors", "adapter/*.safetensors"):
+        for pattern in (f"gguf/{self.name}-*.gguf", "ollama/Modelfile*", "merged/*.safetensors",
+                        "adapter/*.safetensors"):
             for path in sorted(self.run.root.glob(pattern)):
                 found.append((str(path.relative_to(self.run.root)), path.stat().st_size))
         return found

@@ -10,8 +10,19 @@ from typing import Any
 
 from cpt_kit.report.facts import Facts
 
+PLOT_CAPTIONS = {
+    "loss": "Training loss per step and held-out loss at each evaluation",
+    "learning_rate": "Learning rates: LoRA adapters and embed_tokens/lm_head",
+    "throughput": "Training throughput (tokens/s) and memory",
+    "perplexity": "Perplexity: base vs trained (held-out and replay text), the merged HF model and each exported GGUF",
+    "data": "Documents (conversations for a chat recipe) kept, and dropped by reason",
+    "safety": "Safety probe pass rate per category (HF model and exported GGUF)",
+}
+"""Each figure's caption, in the order the figures are made (loss first)."""
+
 
 def figures(facts: Facts) -> dict[str, Any]:
+    """{stem: Figure} in PLOT_CAPTIONS' order."""
     import matplotlib
     matplotlib.use("Agg")
 
@@ -90,7 +101,10 @@ def _perplexity(facts: Facts):
         return None
     fig, ax = _figure("Perplexity (lower is better)")
     labels = [label for label, _ in bars]
-    ax.bar(labels, [value for _, value in bars], color="tab:green")
+    colours = ["tab:orange" if label.startswith("replay") else "tab:blue" if label.startswith(("merged", "GGUF"))
+               else "tab:green" for label in labels]  # held-out text / replay text / verify's blocks
+    drawn = ax.bar(labels, [value for _, value in bars], color=colours)
+    ax.bar_label(drawn, labels=[f"{value:.4g}" for _, value in bars], padding=2, fontsize=8)
     ax.set_yscale("log")
     ax.tick_params(axis="x", labelrotation=30)
     return fig
@@ -100,9 +114,12 @@ def _data(facts: Facts):
     counts = facts.document_counts()
     if not counts:
         return None
-    fig, ax = _figure("Documents kept and dropped")
-    ax.barh(list(counts), list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
-    ax.set_xlabel("documents")
+    fig, ax = _figure(f"{facts.unit.capitalize()} kept, and dropped by reason")
+    labels = ["kept"] + [f"dropped: {reason}" for reason in list(counts)[1:]]
+    bars = ax.barh(labels, list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
+    ax.bar_label(bars, labels=[f"{n:,}" for n in counts.values()], padding=3)
+    ax.invert_yaxis()  # kept on top, the reasons below in prepare's order
+    ax.set_xlabel(facts.unit)
     return fig
 
 

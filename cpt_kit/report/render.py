@@ -7,6 +7,23 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+def fmt(value: Any) -> str:
+    """How the report writes a number or value (the tests read numbers back with the same rule)."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def percent(fraction: float) -> str:
+    """A relative change (0.00029 -> "+0.029%"), as verify logs it."""
+    return f"{fraction:+.3%}"
 
 
 @dataclass(frozen=True)
@@ -18,6 +35,11 @@ class Heading:
 @dataclass(frozen=True)
 class Text:
     text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -38,7 +60,7 @@ class Code:
     text: str
 
 
-Block = Heading | Text | Table | Plot | Code
+Block = Heading | Text | Bullets | Table | Plot | Code
 
 
 def markdown(blocks: list[Block]) -> str:
@@ -48,6 +70,8 @@ def markdown(blocks: list[Block]) -> str:
             out.append("#" * b.level + " " + b.text)
         elif isinstance(b, Text):
             out.append(b.text)
+        elif isinstance(b, Bullets):
+            out.append("\n".join("- " + item for item in b.items))
         elif isinstance(b, Table):
             cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
             out.append("\n".join(["| " + " | ".join(map(cell, b.header)) + " |",
@@ -68,6 +92,8 @@ def html_page(blocks: list[Block], title: str, root: Path) -> str:
             body.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
         elif isinstance(b, Text):
             body.append(f"<p>{_inline(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in b.items) + "</ul>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in b.header)
             rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
