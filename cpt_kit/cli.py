@@ -63,9 +63,11 @@ def _traceback_file(exc: BaseException) -> str:
     return path
 
 
-def _run_and_report(console, run, call) -> None:
+def _run_and_report(console, run, call, report_on_failure: bool) -> None:
     """Run `call()` (the pipeline) and print the summary; a failure is printed first, and the summary
-    of a failed run offers no next step."""
+    of a failed run offers no next step. When the run would have ended with the report stage
+    (`report_on_failure`) and a stage after prepare failed, the report is still written, marked as a
+    failed run; the command still ends with the stage's error and exit status."""
     from cpt_kit.manifest import Manifest
     from cpt_kit.run_lock import RunDirectoryBusy
     from cpt_kit.summary import print_summary
@@ -74,12 +76,40 @@ def _run_and_report(console, run, call) -> None:
         manifest = call()
     except CptKitError as exc:
         click.echo(click.style("error: ", fg="red", bold=True) + exc.render(), err=True)
+        if report_on_failure:
+            _report_failed_run(console, run, exc)
         with contextlib.suppress(CptKitError):  # an unreadable manifest: the error above says so
             # the state of a run another process is working on is its own to report
             if run.manifest.exists() and not isinstance(exc, RunDirectoryBusy):
                 print_summary(console, run, Manifest.load(run.manifest), failed=True)
         sys.exit(2)
+    except Exception as exc:  # a bug: reported by _Group, after the report of the failed run
+        if report_on_failure:
+            _report_failed_run(console, run, exc)
+        raise
     print_summary(console, run, manifest)
+
+
+def _report_failed_run(console, run, exc: BaseException) -> None:
+    """Write the report of a run whose stage after prepare failed with `exc` (what the stages before it
+    measured: e.g. the safety pass rates of a failed gate). A failure of the report itself is a note:
+    it never replaces the stage's error."""
+    from cpt_kit.export.from_adapter import recipe_of_run
+    from cpt_kit.pipeline import run_one_stage
+
+    failed = getattr(exc, "failed_stage", None)
+    if failed in (None, "prepare", "report"):  # not a stage's failure (e.g. a refusal), or nothing to report yet
+        return
+    try:
+        run_one_stage(recipe_of_run(run.root), run, console, "report", after_failure_of=failed)
+    except Exception as report_exc:
+        problem = report_exc.render() if isinstance(report_exc, CptKitError) else \
+            f"{type(report_exc).__name__}: {report_exc}"
+        log = getattr(report_exc, "error_log", None)
+        click.echo(click.style("note: ", fg="yellow", bold=True) + f"the report of this failed run could not be "
+                   f"written: {problem}" + (f" (traceback in {log})" if log else ""), err=True)
+        return
+    console.print(f"report of the failed run: {run.root / 'report.md'}")
 
 
 @click.group(cls=_Group)
@@ -135,7 +165,8 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force, skip_plan_ch
     _quiet_library_loggers()
     preload(resolved.train.backend, hardware.device)  # Unsloth must patch transformers before anything imports it
     _run_and_report(console, run_dir, lambda: run_pipeline(resolved, run_dir, console, until=until, only=only,
-                                                           force=force, notes=notes))
+                                                           force=force, notes=notes),
+                    report_on_failure=only is None and until in (None, "report"))
 
 
 @main.command()
@@ -205,7 +236,7 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
                 prepare_adapter_run(Path(adapter), resolved, run)
             return run_pipeline(resolved, run, console, until=until, force=force, start="merge")
 
-    _run_and_report(console, run, export_run)
+    _run_and_report(console, run, export_run, report_on_failure=until in (None, "report"))
 
 
 @main.command()

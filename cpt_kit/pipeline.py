@@ -179,9 +179,14 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
     return manifest
 
 
-def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str) -> Manifest:
+def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str, after_failure_of: str | None = None) -> Manifest:
     """Run stage `name` now, whatever the state of the stages before it (`cpt-kit report` on a run
-    that failed half way): under the run's lock, with its outputs recorded like any stage's."""
+    that failed half way): under the run's lock, with its outputs recorded like any stage's.
+
+    `after_failure_of`: the stage whose failure just ended the run (the CLI writes the report of a
+    failed run). A crash of this stage then leaves that failure's logs/error.log alone (its traceback
+    goes to logs/<name>-error.log), and the stage is marked stale, so that the run's next invocation
+    writes it again once the failure is fixed."""
     refuse_foreign_dir(run)
     with run_lock(run.root, log=lambda text: console.print(f"[yellow]{text}[/yellow]")):
         manifest = Manifest.load(run.manifest)
@@ -189,13 +194,19 @@ def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str) -> Manif
         ctx = StageContext(recipe, run, manifest, console)
         found = assess(stage, ctx)
         ctx.fingerprint = found.basis.fingerprint
-        _run_stage(stage, ctx, found.basis.to_json(), manifest.stage(name))
+        _run_stage(stage, ctx, found.basis.to_json(), manifest.stage(name),
+                   error_log=f"{name}-error.log" if after_failure_of else "error.log")
+        if after_failure_of:
+            manifest.stage(name).update(status="stale", stale_because=f"written while the run had failed at "
+                                                                      f"{after_failure_of}")
+            manifest.save()
     return manifest
 
 
-def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> None:
+def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict, error_log: str = "error.log") -> None:
     """Run one stage; on success record the files it wrote under its outputs (and remove the files an
-    earlier run of it recorded that it did not write again, when they are still as recorded)."""
+    earlier run of it recorded that it did not write again, when they are still as recorded). On failure
+    the error names the stage (`failed_stage`) and a crash's traceback goes to logs/<error_log>."""
     run, manifest = ctx.run, ctx.manifest
     unrecorded = unrecorded_outputs(stage, previous, run.root)
     if unrecorded:
@@ -210,15 +221,16 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> 
         metrics = importlib.import_module(stage.module).run(ctx)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
-            _record_crash(stage, ctx, exc, started)
+            _record_crash(stage, ctx, exc, started, error_log)
             raise
         full = CptKitError(f"the disk is full: {stage.name} could not write {exc.filename or 'its outputs'}",
                            where=str(run.root), hint="free some space and run the same command again (finished "
                                                      "stages are kept; this stage's earlier outputs were not touched)")
         manifest.fail(stage.name, full.render(), time.perf_counter() - started)
+        full.failed_stage = stage.name
         raise full from None
     except BaseException as exc:
-        _record_crash(stage, ctx, exc, started)
+        _record_crash(stage, ctx, exc, started, error_log)
         raise
     written = sorted(rel for rel, key in stat_keys(run.root, stage.outputs).items() if before.get(rel) != key)
     if stage.outputs and not written:
@@ -233,13 +245,15 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict) -> 
     manifest.finish(stage.name, metrics or {}, time.perf_counter() - started, outputs)
 
 
-def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: float) -> None:
-    """A failed stage: its error in the manifest; for a bug (not a CptKitError) the traceback in logs/error.log."""
+def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: float, error_log: str) -> None:
+    """A failed stage: its error in the manifest and its name on the error (the CLI reports a run that
+    failed after prepare); for a bug (not a CptKitError) the traceback in logs/<error_log>."""
     message = exc.render() if isinstance(exc, CptKitError) else f"{type(exc).__name__}: {exc}"
     ctx.manifest.fail(stage.name, message, time.perf_counter() - started)
+    exc.failed_stage = stage.name
     if not isinstance(exc, CptKitError):
-        atomic_write_text(ctx.run.logs / "error.log", traceback.format_exc())
-        exc.error_log = ctx.run.logs / "error.log"  # the CLI names it
+        atomic_write_text(ctx.run.logs / error_log, traceback.format_exc())
+        exc.error_log = ctx.run.logs / error_log  # the CLI names it
 
 
 def unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> list[str]:

@@ -52,6 +52,7 @@ def write_chat_recipe(folder, cpt_root):
 def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_path):
     from cpt_kit.cli import main
     from cpt_kit.lineage import weights_sha256
+    from cpt_kit.report import fmt
 
     cpt_root = tmp_path / "language"
     run_until(tiny_recipe(), cpt_root, "merge")
@@ -67,7 +68,7 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     stages = manifest["stages"]
     assert [stages[s]["status"] for s in ("prepare", "train", "merge", "compare", "verify", "safety")] == \
         ["done"] * 5 + ["failed"]
-    assert "report" not in stages and "overrides" not in manifest
+    assert stages["report"]["status"] == "stale" and "overrides" not in manifest
     assert stages["train"]["metrics"]["objective"] == "sft"
     cpt_base = tiny_recipe().model.base  # the original model: the CPT run's base
     assert [(item["kind"], item["recipe"], item["base"]) for item in manifest["lineage"]] == [("run", "tiny", cpt_base)]
@@ -78,6 +79,12 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert report["gate"]["passed"] is False and report["gate"]["overridden"] is False
     assert {r["language"] for r in report["results"]} == {"en", "eo"} and set(report["pass_rates"]) == {"hf", "gguf"}
     assert report["generation"]["system"] == "You answer kindly."
+    failed_report = (root / "report.md").read_text(encoding="utf-8")  # the failed run's report, per category
+    assert "**This run failed at safety.**" in failed_report and "safety probe below the recipe's thresholds" in failed_report
+    for fmt_, rates in report["pass_rates"].items():
+        for category, v in rates["categories"].items():
+            assert f"| {fmt_} | {category} | {fmt(v['rate'])} | {v['passed']}/{v['total']} |" in failed_report
+    assert "ollama create" not in failed_report and "report of the failed run" in failed.output
     comparison = json.loads((root / "eval" / "comparison.json").read_text())
     assert [m["mode"] for m in comparison["models"]] == ["completion", "completion", "chat"]
     assert [m["label"] for m in comparison["models"]][:2] == [f"original ({cpt_base})", "cpt run 'tiny'"]
@@ -97,4 +104,5 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert override["key"] == "safety.accept_failure" and override["reasons"] == report["gate"]["reasons"]
     assert manifest["recipe"]["safety"]["accept_failure"] is True
     assert json.loads((root / "safety.json").read_text())["gate"]["overridden"] is True
-    assert "overridden" in (root / "report.md").read_text(encoding="utf-8")
+    final_report = (root / "report.md").read_text(encoding="utf-8")
+    assert "overridden" in final_report and "This run failed" not in final_report

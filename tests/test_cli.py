@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -236,3 +237,70 @@ def test_a_busy_run_directory_is_refused_without_the_other_runs_state(tmp_path, 
     assert result.exit_code == 2
     assert f"another cpt-kit run is using this run directory: pid {holder.pid}" in result.output
     assert "cpt-kit run:" not in result.output and "the run failed" not in result.output
+
+
+@pytest.fixture()
+def real_report_stage(stand_in_stages, monkeypatch):
+    """Stand-in stages (test_pipeline), except the real report stage."""
+    from cpt_kit import pipeline
+
+    monkeypatch.setattr(pipeline, "STAGE_TABLE", tuple(
+        dataclasses.replace(s, module="cpt_kit.report") if s.name == "report" else s for s in pipeline.STAGE_TABLE))
+
+
+def test_a_run_that_fails_after_prepare_still_writes_its_report(tmp_path, monkeypatch, real_report_stage):
+    monkeypatch.setenv("FAIL_STAGE", "safety")
+    monkeypatch.setenv("MODELFILE_FILES", "Modelfile")
+    out, recipe = tmp_path / "run", _recipe_with_base(tmp_path, "someone/base")
+    result = CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out)])
+    assert result.exit_code == 2
+    text = result.output
+    assert text.index("error: corpus/: corpus too small") < text.index("report of the failed run: ") \
+        < text.index("the run failed at safety")
+    report = (out / "report.md").read_text()
+    assert "**This run failed at safety.**" in report and "safety: corpus/: corpus too small" in report
+    assert "ollama create" not in report
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["safety"]["status"] == "failed" and stages["report"]["status"] == "stale"
+    monkeypatch.delenv("FAIL_STAGE")
+    fixed = CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out)])
+    assert fixed.exit_code == 0 and "written while the run had failed at safety" in fixed.output
+    report = (out / "report.md").read_text()
+    assert "This run failed" not in report and f"ollama create r -f {out / 'ollama' / 'Modelfile'}" in report
+    assert json.loads((out / "manifest.json").read_text())["stages"]["report"]["status"] == "done"
+
+
+def test_a_report_that_fails_does_not_mask_the_run_failure(tmp_path, monkeypatch, stand_in_stages):
+    monkeypatch.setenv("FAIL_STAGE", "verify")
+    monkeypatch.setenv("CRASH_STAGE", "report")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, "someone/base"), "--output-dir", str(out)])
+    assert result.exit_code == 2
+    text = result.output
+    assert text.index("error: corpus/: corpus too small") < text.index(
+        "the report of this failed run could not be written: ZeroDivisionError: boom") < text.index(
+        "the run failed at verify")
+    assert "ZeroDivisionError" in (out / "logs" / "report-error.log").read_text()
+    assert not (out / "logs" / "error.log").exists()
+
+
+def test_a_crash_after_prepare_still_writes_the_report_and_keeps_its_traceback(tmp_path, monkeypatch,
+                                                                               real_report_stage):
+    monkeypatch.setenv("CRASH_STAGE", "verify")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, "someone/base"), "--output-dir", str(out)])
+    assert result.exit_code == 1
+    assert "internal error: ZeroDivisionError: boom" in result.output
+    assert "ZeroDivisionError" in (out / "logs" / "error.log").read_text()
+    assert "**This run failed at verify.**" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flags", [["--until", "verify"], ["--stage", "verify"]])
+def test_a_run_that_stops_before_the_report_writes_none_when_it_fails(tmp_path, monkeypatch, real_report_stage, flags):
+    out, recipe = tmp_path / "run", _recipe_with_base(tmp_path, "someone/base")
+    if flags[0] == "--stage":
+        assert CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out), "--until", "modelfile"]).exit_code == 0
+    monkeypatch.setenv("FAIL_STAGE", "verify")
+    result = CliRunner().invoke(main, ["run", recipe, "--output-dir", str(out), *flags])
+    assert result.exit_code == 2 and "corpus too small" in result.output
+    assert not (out / "report.md").exists()
