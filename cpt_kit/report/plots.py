@@ -130,9 +130,10 @@ def _safety(facts: Facts):
     fig, ax = _figure("Safety probe: pass rate per category")
     for i, (model, per_category) in enumerate(rates.items()):
         positions = [k + i * 0.4 for k in range(len(per_category))]
-        ax.bar(positions, list(per_category.values()), width=0.4, label=model)
+        drawn = ax.bar(positions, list(per_category.values()), width=0.4, label=model)
+        ax.bar_label(drawn, labels=[f"{rate:.0%}" for rate in per_category.values()], padding=2, fontsize=7)
     first = next(iter(rates.values()))
     ax.set_xticks([k + 0.2 for k in range(len(first))], list(first), rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)  # room for the labels above a 100% bar
     ax.legend()
     return fig

@@ -106,7 +106,7 @@ def html_page(blocks: list[Block], title: str, root: Path) -> str:
             body.append(f"<pre>{esc(b.text)}</pre>")
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
-             "pre{background:#f4f4f4;padding:.8em;overflow-x:auto}img{max-width:100%}code{background:#f4f4f4}")
+             "pre{background:#f4f4f4;padding:.8em;white-space:pre-wrap}img{max-width:100%}code{background:#f4f4f4}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
