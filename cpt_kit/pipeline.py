@@ -179,7 +179,8 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
     return manifest
 
 
-def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str, after_failure_of: str | None = None) -> Manifest:
+def run_one_stage(recipe: Recipe, run: RunDir, console: Any, name: str,
+                  after_failure_of: str | None = None) -> Manifest:
     """Run stage `name` now, whatever the state of the stages before it (`cpt-kit report` on a run
     that failed half way): under the run's lock, with its outputs recorded like any stage's.
 

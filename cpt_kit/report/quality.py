@@ -27,7 +27,8 @@ def perplexities(facts: Facts) -> list[Block]:
                  if change and change + "_pct" in ev else "")
         rows.append((label, fmt(ev[key]), interval(ev.get(key + "_ci")), _count(tokens), moved))
     for name, scored in facts.format_perplexities().items():
-        label = "merged HF model (transformers), verify's blocks" if name == "HF" else f"exported {name} GGUF (llama.cpp)"
+        label = ("merged HF model (transformers), verify's blocks" if name == "HF"
+                 else f"exported {name} GGUF (llama.cpp)")
         delta = scored.get("delta")
         rows.append((label, fmt(scored["perplexity"]), interval(scored["ci95"]), _count(scored["tokens"]),
                      f"{percent(delta)} vs merged HF" if isinstance(delta, (int, float)) else ""))
@@ -127,7 +128,8 @@ def _stop(c: dict) -> str:
     text += f" (limit {fmt(natural.get('bound'))}, {'required' if natural.get('required') else 'not required'})"
     if forced:
         ended = forced.get("finish_reason") == "stop" and not forced.get("eot_text_in_output")
-        text += f"; {forced.get('token')} forced after {fmt(forced.get('after'))} tokens {'ends' if ended else 'does NOT end'} it"
+        text += (f"; {forced.get('token')} forced after {fmt(forced.get('after'))} tokens "
+                 f"{'ends' if ended else 'does NOT end'} it")
     return text
 
 
