@@ -103,15 +103,16 @@ def test_checkout_cell_clones_once_and_reuses_the_checkout(tmp_path):
 
 
 def test_plan_cell_tells_does_not_fit_from_an_error(tmp_path):
+    """`cpt-kit plan` exits 3 for "does not fit" (the advice is printed, the notebook goes on); any other
+    non-zero exit is an error that stops the notebook."""
     book = _partial("language.ipynb", tmp_path, SHARED["checkout"], SHARED["helpers"], SHARED["plan"])
-    too_big = ["train.per_device_train_batch_size=4096", "model.max_seq_length=8192"]
-    printed = _printed(_execute(book, tmp_path, RECIPE="recipes/demo.py", OVERRIDES=too_big, INSTALL=False,
-                                PLAN_GPU="t4", OUTPUT_DIR=str(tmp_path / "run")))
-    assert "does NOT fit a t4" in printed and "fits with --set train.per_device_train_batch_size=" in printed
-    failed, _ = _failure(book, tmp_path, RECIPE="recipes/no_such_recipe.py", OVERRIDES=[], INSTALL=False,
-                      PLAN_GPU="t4", OUTPUT_DIR=str(tmp_path / "run"))
+    common = dict(INSTALL=False, PLAN_GPU="t4", OUTPUT_DIR=str(tmp_path / "run"))
+    failed, _ = _failure(book, tmp_path, RECIPE="recipes/no_such_recipe.py", OVERRIDES=[], **common)
     assert "cpt-kit plan failed (exit 2)" in failed and "no_such_recipe.py" in failed
     assert "does NOT fit" not in failed
+    too_big = ["train.per_device_train_batch_size=4096", "model.max_seq_length=8192"]
+    printed = _printed(_execute(book, tmp_path, RECIPE="recipes/demo.py", OVERRIDES=too_big, **common))
+    assert "does NOT fit a t4" in printed and "fits with --set train.per_device_train_batch_size=" in printed
 
 
 def test_sft_notebook_stops_at_once_without_the_language_run(tmp_path):
