@@ -148,8 +148,8 @@ def test_notebooks_run_headless(tmp_path, monkeypatch):
     assert sorted(Path(s).name for s in documents["per_source"]) == sorted(p.name for p in picked.iterdir())
     assert documents["read"] == 40
     # Colab's download was offered the GGUF and the Modelfile
-    offered = downloads.read_text().split()
-    assert sorted(Path(p).name for p in offered) == sorted([p.name for p in (run / "gguf").glob("*.gguf")] + ["Modelfile"])
+    offered = sorted(Path(p).name for p in downloads.read_text().splitlines())
+    assert offered == sorted([p.name for p in (run / "gguf").glob("*.gguf")] + ["Modelfile"])
     # the domain notebook (upload on by default) on the same run and upload: finished stages are skipped
     domain = _printed(_execute(NOTEBOOKS / "domain.ipynb", tmp_path, OVERRIDES=FAST, **common))
     assert "skipped" in domain or "done already" in domain
