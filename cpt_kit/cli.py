@@ -149,9 +149,11 @@ def run(recipe, overrides, until, only, dry_run, output_dir, force, skip_plan_ch
     refuse_foreign_dir(run_dir)  # before any work, whatever the flags
     if not skip_plan_check and "prepare" not in (until, only):  # what must fit is training
         from cpt_kit.planner import check_fits_this_gpu
-        estimate = check_fits_this_gpu(resolved, run_dir.root)  # raises when it will not fit this GPU
-        if estimate:
-            console.print(f"[dim]{estimate}[/dim]")
+        gpu_check = check_fits_this_gpu(resolved, run_dir.root)  # raises when it will not fit this GPU
+        if gpu_check and gpu_check.warning:
+            console.print(f"[yellow]warning:[/yellow] {gpu_check.text}", soft_wrap=True)
+        elif gpu_check:
+            console.print(f"[dim]{gpu_check.text}[/dim]")
     if dry_run:
         manifest = Manifest.load(run_dir.manifest)
         plan = make_plan(resolved, run_dir, manifest, console, until, only, force)
@@ -266,7 +268,7 @@ def plan(recipe, device_key, overrides, config_path, output_dir, as_json):
         return
     console = _console()
     for line in describe(result):
-        console.print(line)
+        console.print(line, soft_wrap=True)  # advice lines stay one line, ready to paste
     if not result.fits:
         sys.exit(3)
 

@@ -37,9 +37,26 @@ def resolve_base(model: Model) -> str:
             raise RecipeError(f"{path} is not a model directory (no config.json) nor a PEFT adapter "
                               "(no adapter_config.json)", where="model.base")
         return str(path)
+    missing_run = missing_run_dir_error(model.base)
+    if missing_run:
+        raise missing_run
     if model.base.startswith((".", "/", "~")):
         raise RecipeError(f"local model directory {path} does not exist", where="model.base")
     return model.base
+
+
+def missing_run_dir_error(base: str) -> RecipeError | None:
+    """The error for a base that names a run directory (a folder under a `runs/` folder, where
+    `cpt-kit run` writes by default) that does not exist yet, else None."""
+    path = Path(base).expanduser()
+    if path.exists() or path.parent.name != "runs":
+        return None
+    name = path.name
+    return RecipeError(f"{base!r} is a run directory that does not exist yet: the run this recipe builds "
+                       "on has not been made", where="model.base",
+                       hint=f"run the recipe that writes it first (recipe name {name!r}, e.g. `cpt-kit run "
+                            f"recipes/{name}.py`, writes runs/{name}), or point model.base to an existing run, "
+                            "model folder or hub id: --set model.base=...")
 
 
 def run_merged_model(run: Path) -> Path:

@@ -61,7 +61,45 @@ def test_local_config_is_read_offline(tiny_base):
 def test_unknown_hub_model_is_a_clear_error():
     with pytest.raises(RecipeError, match="config.json") as info:
         shape_for_base("someone/unknown-model")
-    assert "--config" in info.value.render()
+    assert "cpt-kit plan RECIPE --config" in info.value.render()
+
+
+def test_hub_model_config_in_the_local_hf_cache_is_used_offline(tmp_path, monkeypatch, tiny_base):
+    """A hub id the table does not know, whose config.json the Hugging Face cache holds (as
+    from_pretrained leaves it), plans from that file with no network."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--cached-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((tiny_base / "config.json").read_text())
+    (tmp_path / "models--someone--cached-model" / "refs").mkdir()
+    (tmp_path / "models--someone--cached-model" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert shape_for_base("someone/cached-model") == shape_for_base(str(tiny_base)).__class__(
+        **{**dataclasses.asdict(shape_for_base(str(tiny_base))), "name": str(snapshot / "config.json")})
+    with pytest.raises(RecipeError):
+        shape_for_base("someone/not-cached")
+
+
+def test_a_base_run_that_does_not_exist_yet_says_so(tmp_path, monkeypatch):
+    """mental_health.py builds on runs/language: before that run exists, plan and run name the missing
+    run and the recipe that makes it, not the planner's table."""
+    from click.testing import CliRunner
+
+    from cpt_kit.cli import main
+    from cpt_kit.model_source import resolve_base
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes" / "mental_health.py")
+    assert recipe.model.base == "runs/language"
+    for call in (lambda: plan_recipe(recipe, DEVICES["t4"]), lambda: resolve_base(recipe.model)):
+        with pytest.raises(RecipeError, match="run directory that does not exist yet") as info:
+            call()
+        assert "cpt-kit run recipes/language.py" in info.value.render()
+        assert "table" not in info.value.render()
+    out = CliRunner().invoke(main, ["plan", str(REPO / "recipes" / "mental_health.py"), "--gpu", "t4"])
+    assert out.exit_code != 0 and "does not exist yet" in out.output and "recipes/language.py" in out.output
 
 
 BASE = Settings(batch_size=2, seq_len=2048, r=128, targets=ALL_LINEAR, train_embeddings=True, load_in_4bit=True,
@@ -112,8 +150,28 @@ def test_verdict_flips_where_the_memory_runs_out():
     assert not small.fits and small.advice
     for advice in small.advice:  # every suggested change really fits, and applying it says so
         assert advice.needed_gib <= tight.memory_gib
-        fixed = apply_overrides(recipe, [a for a in advice.change.split(" (")[0].split(" ") if "=" in a])
+        fixed = apply_overrides(recipe, list(advice.assignments))
         assert plan_recipe(fixed, tight).fits
+
+
+def test_printed_advice_pastes_into_cpt_kit_plan_and_fits(tmp_path, monkeypatch):
+    """Every `fits ... with: --set K=V ...` line `cpt-kit plan` prints, pasted after the same command,
+    parses (one --set per key) and the run then fits."""
+    from click.testing import CliRunner
+
+    from cpt_kit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    command = ["plan", str(REPO / "recipes" / "language.py"), "--gpu", "t4",
+               "--set", "train.per_device_train_batch_size=8", "--set", "train.gradient_checkpointing=false"]
+    runner = CliRunner()
+    first = runner.invoke(main, command)
+    assert first.exit_code == 3 and "does not fit" in first.output, first.output
+    advice = [line.split("with: ", 1)[1].split("  (")[0] for line in first.output.splitlines() if "with: --set" in line]
+    assert len(advice) >= 2 and any(a.count("--set") == 2 for a in advice), first.output
+    for pasted in advice:
+        again = runner.invoke(main, command + pasted.split())
+        assert again.exit_code == 0 and "fits" in again.output, (pasted, again.output)
 
 
 def test_a_run_that_cannot_fit_gets_no_false_advice():
@@ -173,11 +231,27 @@ def test_run_refuses_a_recipe_that_cannot_fit_the_detected_gpu(monkeypatch):
     from cpt_kit.planner import gpus
 
     monkeypatch.setattr(gpus, "detected_device", lambda: Device("detected", "Tesla T4", 15.0, 65.0, False))
-    assert "of 15.0 GiB on Tesla T4" in check_fits_this_gpu(_recipe(), None)
+    assert "of 15.0 GiB on Tesla T4" in check_fits_this_gpu(_recipe(), None).text
     big = apply_overrides(_recipe(), ["train.per_device_train_batch_size=64", "train.gradient_checkpointing=false"])
     with pytest.raises(CptKitError, match="Tesla T4 has 15.0 GiB") as info:
         check_fits_this_gpu(big, None)
-    assert "--set train.per_device_train_batch_size=2 train.gradient_accumulation_steps=256" in info.value.hint
+    assert "--set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=256" in info.value.hint
     assert "--skip-plan-check" in info.value.hint
     monkeypatch.setattr(gpus, "detected_device", lambda: None)
     assert check_fits_this_gpu(big, None) is None  # no GPU: nothing to check
+
+
+def test_run_warns_and_goes_on_for_a_hub_model_of_unknown_shape(monkeypatch, tmp_path):
+    """On a GPU, `cpt-kit run` with a hub base that is neither local, cached nor in the table gets a
+    warning naming the model and the `cpt-kit plan --config` command, not an error."""
+    from huggingface_hub import constants
+
+    from cpt_kit.planner import check_fits_this_gpu
+    from cpt_kit.planner import gpus
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(gpus, "detected_device", lambda: Device("detected", "Tesla T4", 15.0, 65.0, False))
+    recipe = dataclasses.replace(_recipe(), model=Model(base="someone/unknown-model", max_seq_length=2048))
+    check = check_fits_this_gpu(recipe, None)
+    assert check.warning and "'someone/unknown-model'" in check.text
+    assert "cpt-kit plan RECIPE --config path/to/config.json" in check.text

@@ -23,9 +23,16 @@ BYTES_PER_TOKEN = 4.0
 
 @dataclass(frozen=True)
 class Advice:
-    change: str
-    """The --set assignments that make it fit."""
+    assignments: tuple[str, ...]
+    """The KEY=VALUE recipe overrides that make it fit."""
     needed_gib: float
+    note: str = ""
+    """What the change costs, when it is more than memory or speed."""
+
+    @property
+    def cli(self) -> str:
+        """The change as `cpt-kit run`/`plan` arguments, one --set per key, ready to paste."""
+        return " ".join(f"--set {a}" for a in self.assignments) + (f"  ({self.note})" if self.note else "")
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def settings_for(recipe, device: Device) -> Settings:
 
 def plan_recipe(recipe, device: Device, *, shape: ModelShape | None = None,
                 run_dir: Path | None = None) -> TrainingPlan:
-    shape = shape or shape_for_base(recipe.model.base)
+    shape = shape or shape_for_base(recipe.model.base, recipe.model.revision)
     settings = settings_for(recipe, device)
     est = estimate(shape, settings)
     tokens, source = train_tokens(recipe, run_dir)
@@ -118,40 +125,42 @@ def train_tokens(recipe, run_dir: Path | None) -> tuple[int | None, str]:
 def fitting_changes(shape: ModelShape, s: Settings, device: Device, recipe) -> list[Advice]:
     """Single changes that make the run fit, else the smallest combination found, cheapest first."""
     accum = recipe.train.gradient_accumulation_steps
-    candidates: list[tuple[str, Settings]] = []
+    candidates: list[tuple[tuple[str, ...], Settings, str]] = []
     if not s.gradient_checkpointing:
-        candidates.append(("train.gradient_checkpointing=true", dataclasses.replace(s, gradient_checkpointing=True)))
+        candidates.append((("train.gradient_checkpointing=true",), dataclasses.replace(s, gradient_checkpointing=True), ""))
     if device.cuda and not s.load_in_4bit:
-        candidates.append(("model.load_in_4bit=true", dataclasses.replace(s, load_in_4bit=True)))
+        candidates.append((("model.load_in_4bit=true",), dataclasses.replace(s, load_in_4bit=True), ""))
     batch, factor = s.batch_size, 1
     while batch > 1:
         batch, factor = batch // 2, factor * 2
-        candidates.append((f"train.per_device_train_batch_size={batch} train.gradient_accumulation_steps={accum * factor}",
-                           dataclasses.replace(s, batch_size=batch)))
+        candidates.append(((f"train.per_device_train_batch_size={batch}",
+                            f"train.gradient_accumulation_steps={accum * factor}"),
+                           dataclasses.replace(s, batch_size=batch), ""))
     seq = s.seq_len
     while seq > 512:
         seq //= 2
-        candidates.append((f"model.max_seq_length={seq}", dataclasses.replace(s, seq_len=seq)))
+        candidates.append(((f"model.max_seq_length={seq}",), dataclasses.replace(s, seq_len=seq), ""))
     r = s.r
     while r > 8:
         r //= 2
-        candidates.append((f"lora.r={r}", dataclasses.replace(s, r=r)))
+        candidates.append(((f"lora.r={r}",), dataclasses.replace(s, r=r), ""))
     if s.train_embeddings:
-        candidates.append(("lora.train_embeddings=false train.embedding_learning_rate=none (a new language then "
-                           "cannot learn new embeddings)", dataclasses.replace(s, train_embeddings=False)))
+        candidates.append((("lora.train_embeddings=false", "train.embedding_learning_rate=none"),
+                           dataclasses.replace(s, train_embeddings=False), "a new language then cannot learn new embeddings"))
 
     def needed(settings: Settings) -> float:
         return estimate(shape, settings).needed_gib(device.cuda)
 
-    fits = [Advice(change, needed(st)) for change, st in candidates if needed(st) <= device.memory_gib]
+    fits = [Advice(change, needed(st), note) for change, st, note in candidates if needed(st) <= device.memory_gib]
     if fits:
         return fits[:4]
-    combined, changes = s, {}
-    for change, st in candidates:  # apply in order until it fits; a later value of a key replaces the earlier
+    combined, changes, notes = s, {}, []
+    for change, st, note in candidates:  # apply in order until it fits; a later value of a key replaces the earlier
         combined = _merge(combined, st, s)
-        changes[change.split("=")[0]] = change
+        changes.update((a.split("=")[0], a) for a in change)
+        notes += [note] if note else []
         if needed(combined) <= device.memory_gib:
-            return [Advice(" ".join(changes.values()), needed(combined))]
+            return [Advice(tuple(changes.values()), needed(combined), "; ".join(notes))]
     return []
 
 
@@ -179,7 +188,7 @@ def describe(plan: TrainingPlan) -> list[str]:
     else:
         lines.append(f"[red]does not fit[/red] ({plan.needed_gib:.1f} GiB needed, {plan.device.memory_gib:g} GiB there)")
         for advice in plan.advice:
-            lines.append(f"  fits with --set {advice.change}  ({advice.needed_gib:.1f} GiB)")
+            lines.append(f"  fits ({advice.needed_gib:.1f} GiB) with: {advice.cli}")
         if not plan.advice:
             lines.append("  nothing in reach fits: use a smaller model or a larger device")
     if plan.hours is not None:
@@ -196,20 +205,37 @@ def _duration(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 2 else f"{hours:.1f} h"
 
 
-def check_fits_this_gpu(recipe, run_dir: Path | None) -> str | None:
+@dataclass(frozen=True)
+class GpuCheck:
+    """What `cpt-kit run` prints before it starts on a GPU."""
+
+    text: str
+    warning: bool = False
+    """True when no estimate was possible (the run goes on unchecked)."""
+
+
+def check_fits_this_gpu(recipe, run_dir: Path | None) -> GpuCheck | None:
     """Before `cpt-kit run` loads anything on a GPU: raise if the plan says the run cannot fit this
-    GPU (with the changes that would make it fit), else return a one-line estimate. None on CPU."""
+    GPU (with the changes that would make it fit), else the estimate in one line; a warning when the
+    base's shape is unknown offline (the run is not blocked for it). None on CPU."""
     from cpt_kit.errors import CptKitError
     from cpt_kit.planner.gpus import detected_device
+    from cpt_kit.planner.shapes import UnknownShape
 
     gpu = detected_device()
     if gpu is None:
         return None
-    plan = plan_recipe(recipe, gpu, run_dir=run_dir)
+    try:
+        plan = plan_recipe(recipe, gpu, run_dir=run_dir)
+    except UnknownShape:
+        return GpuCheck(f"no memory estimate for {recipe.model.base!r}: its config.json is neither local, nor in the "
+                        "Hugging Face cache, nor in the planner's table; starting without the check. To get one: "
+                        "download its config.json and run `cpt-kit plan RECIPE --config path/to/config.json`",
+                        warning=True)
     if not plan.fits:
-        advice = "; or ".join(f"--set {a.change}" for a in plan.advice) or "a smaller model or a larger GPU"
+        advice = "; or ".join(a.cli for a in plan.advice) or "a smaller model or a larger GPU"
         raise CptKitError(f"this run needs about {plan.needed_gib:.1f} GiB and {gpu.name} has {gpu.memory_gib:.1f} GiB "
                           "(`cpt-kit plan` shows the breakdown)", where="model / lora / train",
                           hint=f"it fits with {advice}; or pass --skip-plan-check to try anyway")
     time = f", ~{_duration(plan.hours)} of training" if plan.hours is not None else ""
-    return f"plan: about {plan.needed_gib:.1f} of {gpu.memory_gib:.1f} GiB on {gpu.name}{time}"
+    return GpuCheck(f"plan: about {plan.needed_gib:.1f} of {gpu.memory_gib:.1f} GiB on {gpu.name}{time}")

@@ -1,10 +1,10 @@
 """Model shapes for the planner, read from a config.json (no weights loaded).
 
 A shape is what memory and FLOPs depend on: hidden size, layers, heads, MLP width, vocabulary
-and whether input and output embeddings are tied. `shape_for(recipe)` finds the base's
-config.json (a local model directory, a run directory's merged model or its own base), or, for
-the hub models the shipped recipes name, a small table of their published configs, so
-`cpt-kit plan` works offline.
+and whether input and output embeddings are tied. `shape_for_base(base)` finds the base's
+config.json (a local model directory, a run directory's merged model or its own base, a hub
+model's config.json already in the local Hugging Face cache), or, for the hub models the shipped
+recipes name, a small table of their published configs, so `cpt-kit plan` works offline.
 """
 
 from __future__ import annotations
@@ -149,8 +149,14 @@ def known_shape(hub_id: str) -> ModelShape | None:
     return shape_from_config(KNOWN_CONFIGS[name], name) if name else None
 
 
-def shape_for_base(base: str) -> ModelShape:
-    """The shape of a recipe's `model.base`: local dir, run dir (merged model or its base), tiny:, hub id."""
+class UnknownShape(RecipeError):
+    """The base's shape cannot be found offline: no local config.json, none in the Hugging Face cache,
+    not in the table. `cpt-kit plan` stops on it; `cpt-kit run` warns and goes on."""
+
+
+def shape_for_base(base: str, revision: str | None = None) -> ModelShape:
+    """The shape of a recipe's `model.base`: local dir, run dir (merged model or its base), tiny:, hub id
+    (its config.json in the local Hugging Face cache, else the table)."""
     path = Path(base).expanduser()
     if (path / "manifest.json").is_file():
         merged = path / "merged" / "config.json"
@@ -164,13 +170,34 @@ def shape_for_base(base: str) -> ModelShape:
         return read_config(path / "config.json")
     if base.startswith("tiny:"):
         return _tiny_shape(Path(base[len("tiny:"):]).expanduser())
+    from cpt_kit.model_source import missing_run_dir_error
+
+    missing_run = missing_run_dir_error(base)
+    if missing_run:
+        raise missing_run
+    cached = cached_hub_config(base, revision)
+    if cached:
+        return read_config(cached)
     shape = known_shape(base)
     if shape is None:
-        raise RecipeError(f"no config.json for {base!r} here and it is not in the planner's table of known shapes",
-                          where="model.base",
-                          hint="download the model's config.json (it is small) into a folder and plan with "
-                               "--config FOLDER/config.json")
+        raise UnknownShape(f"no config.json for {base!r} here or in the Hugging Face cache, and it is not in the "
+                           "planner's table of known shapes", where="model.base",
+                           hint="download the model's config.json (it is small) into a folder and plan with "
+                                "`cpt-kit plan RECIPE --config FOLDER/config.json`")
     return shape
+
+
+def cached_hub_config(repo_id: str, revision: str | None = None) -> Path | None:
+    """config.json of a hub model if the local Hugging Face cache has it (no network: the cache only)."""
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # not a valid repo id: not a hub model
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def read_config(path: Path) -> ModelShape:
