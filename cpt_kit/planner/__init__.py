@@ -3,23 +3,20 @@
     shapes.py    model shape from config.json (or a table of the shipped recipes' hub models)
     gpus.py      devices: memory, peak FLOPS, bf16
     estimate.py  peak memory by part and FLOPs per token for LoRA on a frozen (4-bit) base
+    tokens.py    how many token positions training computes on (padding of SFT batches included)
     (here)       the recipe -> settings, the verdict, and the changes that make a run fit
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cpt_kit.planner.estimate import CPU_UTILISATION, GIB, UTILISATION, Estimate, Settings, estimate
 from cpt_kit.planner.gpus import Device
 from cpt_kit.planner.shapes import ModelShape, shape_for_base
-
-BYTES_PER_TOKEN = 4.0
-"""Rough size of a token in UTF-8 text, used only when the corpus has not been prepared yet."""
-
+from cpt_kit.planner.tokens import train_tokens
 
 @dataclass(frozen=True)
 class Advice:
@@ -43,6 +40,8 @@ class TrainingPlan:
     estimate: Estimate
     train_tokens: int | None
     tokens_source: str
+    flops_per_token: float
+    """At the rows' real length (an SFT batch's longest row; attention grows with it)."""
     advice: tuple[Advice, ...]
 
     @property
@@ -58,7 +57,7 @@ class TrainingPlan:
         if self.train_tokens is None:
             return None
         util = UTILISATION[self.settings.backend] if self.device.cuda else CPU_UTILISATION
-        return self.train_tokens * self.estimate.flops_per_token / (self.device.peak_tflops * 1e12 * util) / 3600
+        return self.train_tokens * self.flops_per_token / (self.device.peak_tflops * 1e12 * util) / 3600
 
     def to_dict(self) -> dict:
         return {"model": self.shape.name, "device": self.device.name, "device_memory_gib": self.device.memory_gib,
@@ -67,7 +66,7 @@ class TrainingPlan:
                 "peak_gib": round(self.estimate.peak_bytes / GIB, 3), "needed_gib": round(self.needed_gib, 3),
                 "fits": self.fits, "params_total": self.shape.total_params,
                 "params_trainable": self.estimate.trainable_params,
-                "flops_per_token": self.estimate.flops_per_token, "train_tokens": self.train_tokens,
+                "flops_per_token": self.flops_per_token, "train_tokens": self.train_tokens,
                 "tokens_source": self.tokens_source, "hours": self.hours,
                 "advice": [dataclasses.asdict(a) for a in self.advice]}
 
@@ -83,7 +82,8 @@ def settings_for(recipe, device: Device) -> Settings:
                     train_embeddings=recipe.lora.train_embeddings,
                     load_in_4bit=recipe.model.load_in_4bit and device.cuda,
                     gradient_checkpointing=checkpointing, backend=backend, cuda=device.cuda,
-                    eight_bit_optimizer="8bit" in t.optim or (t.optim == "auto" and device.cuda))
+                    eight_bit_optimizer="8bit" in t.optim or (t.optim == "auto" and device.cuda),
+                    padded_batches=t.objective == "sft" and not t.packing)
 
 
 def plan_recipe(recipe, device: Device, *, shape: ModelShape | None = None,
@@ -91,35 +91,12 @@ def plan_recipe(recipe, device: Device, *, shape: ModelShape | None = None,
     shape = shape or shape_for_base(recipe.model.base, recipe.model.revision)
     settings = settings_for(recipe, device)
     est = estimate(shape, settings)
-    tokens, source = train_tokens(recipe, run_dir)
-    plan = TrainingPlan(shape, device, settings, est, tokens, source, ())
+    count = train_tokens(recipe, run_dir)
+    flops = estimate(shape, dataclasses.replace(settings, seq_len=max(1, round(count.row_length)))).flops_per_token
+    plan = TrainingPlan(shape, device, settings, est, count.tokens, count.source, flops, ())
     if not plan.fits:
         plan = dataclasses.replace(plan, advice=tuple(fitting_changes(shape, settings, device, recipe)))
     return plan
-
-
-def train_tokens(recipe, run_dir: Path | None) -> tuple[int | None, str]:
-    """Tokens the run will train on: fixed by max_steps, else epochs x the prepared (or estimated) corpus."""
-    t = recipe.train
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_length
-    if t.max_steps > 0:
-        return t.max_steps * per_step, f"train.max_steps={t.max_steps}"
-    stats = Path(run_dir) / "data" / "stats.json" if run_dir else None
-    if stats and stats.is_file():
-        corpus = json.loads(stats.read_text())["train"]["tokens"]
-        return int(corpus * t.num_train_epochs), f"{stats} x {t.num_train_epochs:g} epochs"
-    size = 0
-    for source in recipe.data.sources:
-        if source.startswith("hf:"):
-            return None, f"{source} is on the hub: its size is known after `cpt-kit run ... --until prepare`"
-        from glob import glob
-        for match in glob(str(Path(source).expanduser()), recursive=True):
-            p = Path(match)
-            size += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    if size == 0:
-        return None, "no local corpus found to size"
-    return int(size / BYTES_PER_TOKEN * t.num_train_epochs), \
-        f"~{size / 1e6:.1f} MB of sources / {BYTES_PER_TOKEN:g} bytes per token x {t.num_train_epochs:g} epochs"
 
 
 def fitting_changes(shape: ModelShape, s: Settings, device: Device, recipe) -> list[Advice]:
@@ -193,9 +170,9 @@ def describe(plan: TrainingPlan) -> list[str]:
             lines.append("  nothing in reach fits: use a smaller model or a larger device")
     if plan.hours is not None:
         lines.append(f"time: ~{_duration(plan.hours)} for {plan.train_tokens:,} tokens ({plan.tokens_source}); "
-                     f"{plan.estimate.flops_per_token / 1e9:.2f} GFLOP/token")
+                     f"{plan.flops_per_token / 1e9:.2f} GFLOP/token")
     else:
-        lines.append(f"time: unknown ({plan.tokens_source}); {plan.estimate.flops_per_token / 1e9:.2f} GFLOP/token")
+        lines.append(f"time: unknown ({plan.tokens_source}); {plan.flops_per_token / 1e9:.2f} GFLOP/token")
     return lines
 
 

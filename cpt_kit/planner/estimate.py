@@ -26,8 +26,14 @@ Memory (bytes), by part:
 Measured on CPU (bench/plan_check.py model, RSS sampled around each phase), the process peaks in
 the second step's backward, at the cross-entropy, on top of the runtime (CPU_RUNTIME_GIB), the
 weights, the master copies and the optimizer states. Its peak RSS also holds freed blocks glibc's
-allocator keeps for reuse (~200 MiB, 12%, there: the peak drops from 1,867 to 1,668 MiB with
-MALLOC_MMAP_THRESHOLD_=65536); that is not modelled, so CPU estimates read low by about that much.
+allocator keeps for reuse ("freed, kept by malloc", CPU only): the step's activations and
+logits are freed every step, and glibc's dynamic mmap threshold keeps later ones of that size in
+its heap instead of returning them. With blocks of one shape it keeps about half a step's worth
+(cpu-32k model: the peak drops from 1,867 to 1,668 MiB with MALLOC_MMAP_THRESHOLD_=65536); with
+SFT batches padded to their longest row every step has another shape, the freed pieces do not fit
+the next step's tensors and the heap grows by about a whole step's worth (demo chat SFT: 733 MiB
+with that threshold, 865 after 6 steps and 935 after 19 by default). CPU_MALLOC_KEPT has both
+factors.
 
 FLOPs per trained token: 2 per weight forward; backward 2 per frozen weight (input gradient only)
 and 4 per trainable weight (input and weight gradient); gradient checkpointing recomputes the
@@ -54,6 +60,9 @@ UTILISATION = {"unsloth": 0.26, "hf": 0.15}
 Llama-3.2-1B shape, 4-bit, r=128, seq 2048: 30,369 tokens/s Unsloth = 26%, 17,856 hf = 15%) and
 used for every GPU; on CPU both backends run plain PyTorch kernels."""
 CPU_UTILISATION = 0.35
+CPU_MALLOC_KEPT = {False: 0.5, True: 1.0}
+"""Freed blocks glibc keeps on CPU, as a share of a step's activations + logits: fixed-shape
+batches (False) or batches padded to their longest row, one shape per step (True)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,9 @@ class Settings:
     """unsloth or hf."""
     cuda: bool
     eight_bit_optimizer: bool
+    padded_batches: bool = False
+    """SFT without packing: each batch is padded to its longest row (at most seq_len), so every
+    step has its own shape."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         "activations": activations,
         "logits": tokens * shape.vocab_size * logit_bytes,
     }
+    if not s.cuda:
+        parts["freed, kept by malloc"] = CPU_MALLOC_KEPT[s.padded_batches] * (parts["activations"] + parts["logits"])
     head = shape.embedding_params
     blocks_fwd = 2 * (shape.block_linear_params + lora) + 2 * s.seq_len * q_dim * shape.num_layers
     flops = (blocks_fwd + 2 * head                                  # forward
