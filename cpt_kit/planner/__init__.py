@@ -18,6 +18,7 @@ from cpt_kit.planner.gpus import Device
 from cpt_kit.planner.shapes import ModelShape, shape_for_base
 from cpt_kit.planner.tokens import train_tokens
 
+
 @dataclass(frozen=True)
 class Advice:
     assignments: tuple[str, ...]
