@@ -155,7 +155,7 @@ def test_verdict_flips_where_the_memory_runs_out():
 
 
 def test_printed_advice_pastes_into_cpt_kit_plan_and_fits(tmp_path, monkeypatch):
-    """Every `fits ... with: --set K=V ...` line `cpt-kit plan` prints, pasted after the same command,
+    """Every `fits with --set K=V ...` line `cpt-kit plan` prints, pasted after the same command,
     parses (one --set per key) and the run then fits."""
     from click.testing import CliRunner
 
@@ -167,7 +167,8 @@ def test_printed_advice_pastes_into_cpt_kit_plan_and_fits(tmp_path, monkeypatch)
     runner = CliRunner()
     first = runner.invoke(main, command)
     assert first.exit_code == 3 and "does not fit" in first.output, first.output
-    advice = [line.split("with: ", 1)[1].split("  (")[0] for line in first.output.splitlines() if "with: --set" in line]
+    advice = [line.split("fits with ", 1)[1].split("  (")[0] for line in first.output.splitlines()
+              if "fits with --set" in line]
     assert len(advice) >= 2 and any(a.count("--set") == 2 for a in advice), first.output
     for pasted in advice:
         again = runner.invoke(main, command + pasted.split())

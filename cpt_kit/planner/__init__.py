@@ -166,7 +166,7 @@ def describe(plan: TrainingPlan) -> list[str]:
     else:
         lines.append(f"[red]does not fit[/red] ({plan.needed_gib:.1f} GiB needed, {plan.device.memory_gib:g} GiB there)")
         for advice in plan.advice:
-            lines.append(f"  fits ({advice.needed_gib:.1f} GiB) with: {advice.cli}")
+            lines.append(f"  fits with {advice.cli}  ({advice.needed_gib:.1f} GiB)")
         if not plan.advice:
             lines.append("  nothing in reach fits: use a smaller model or a larger device")
     if plan.hours is not None:
