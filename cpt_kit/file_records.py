@@ -19,8 +19,10 @@ FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed whole."""
 BLOCK = 2**20
 """Bytes read at each sampled position of a bigger file."""
-TEMPORARY = re.compile(r"^\..+\.((partial|replaced)-(?P<pid>\d+)|tmp)$")
-"""Names of unfinished atomic writes (rundir.atomic_path, atomic_write_text): never part of a record."""
+TEMPORARY = re.compile(r"^\..+\.(partial|replaced|tmp)-(?P<pid>\d+)(-[A-Za-z0-9_]+)?$")
+"""Names of unfinished atomic writes, each with the pid of the process writing it: `.NAME.partial-PID`
+(rundir.atomic_path, atomic_entries), `.NAME.replaced-PID` (an old version being swapped out) and
+`.NAME.tmp-PID-XXXXXXXX` (rundir.atomic_write_text). Never part of a record."""
 
 def file_record(path: Path) -> dict:
     """The record of one file."""

@@ -90,8 +90,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the pid in the name: remove_stale_partials removes it only once this process is gone
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -101,6 +103,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    would change the mode of files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -155,7 +170,8 @@ def _replace(new: Path, final: Path) -> None:
 
 
 def remove_stale_partials(root: Path) -> list[str]:
-    """Remove unfinished atomic writes left in the run by processes that are gone; returns their paths."""
+    """Remove unfinished atomic writes left in the run by processes that are gone; returns their paths.
+    Only cpt-kit's own temporary names match (file_records.TEMPORARY: they carry the writer's pid)."""
     from cpt_kit.file_records import TEMPORARY
 
     removed = []

@@ -47,5 +47,5 @@ def test_unfinished_atomic_writes_are_not_part_of_a_record(tmp_path):
     (tmp_path / ".merged.partial-99").mkdir()
     (tmp_path / ".merged.partial-99" / "config.json").write_bytes(b"{}")
     (tmp_path / "verify.json").write_bytes(b"{}")
-    (tmp_path / ".verify.json.abc123.tmp").write_bytes(b"{")
+    (tmp_path / ".verify.json.tmp-4321-abc_123").write_bytes(b"{")
     assert files_under(tmp_path, ["merged", "verify.json", "nothing"]) == ["merged/model.safetensors", "verify.json"]

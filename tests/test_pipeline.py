@@ -317,14 +317,34 @@ def test_unfinished_files_of_dead_processes_are_removed_at_start(tmp_path, stand
     run = RunDir(tmp_path / "run")
     pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
     leftovers = [run.root / "gguf" / f".t-Q8_0.gguf.partial-{dead.pid}", run.root / f".merged.partial-{dead.pid}",
-                 run.root / "eval" / ".samples.json.k2j3h4.tmp", run.root / "data" / f".train.replaced-{dead.pid}"]
-    for path in leftovers:
+                 run.root / "eval" / f".samples.json.tmp-{dead.pid}-k2j3h4_x", run.root / "data" / f".train.replaced-{dead.pid}"]
+    # hidden files of the user's that merely look temporary, and a write of a live process, stay
+    users = [run.root / "data" / ".mynote.tmp", run.root / "eval" / ".draft.json.k2j3h4.tmp",
+             run.root / ".notes.tmp-backup", run.root / "gguf" / f".t-F16.gguf.partial-{os.getppid()}"]
+    for path in leftovers + users:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("half")
-    alive = run.root / "gguf" / f".t-F16.gguf.partial-{os.getppid()}"
-    alive.write_text("another process is writing this")
     pipeline.run_pipeline(recipe(), run, quiet_console(), until="prepare")
-    assert [p for p in leftovers if p.exists()] == [] and alive.exists()
+    assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in users)
+
+
+def test_atomically_written_files_get_the_mode_open_gives_and_a_name_with_the_pid(tmp_path, monkeypatch):
+    from cpt_kit.file_records import TEMPORARY
+    from cpt_kit.rundir import atomic_write_text
+
+    names = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (names.append(os.path.basename(src)), real_replace(src, dst)))
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "manifest.json", "{}")
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640
+    assert names[0].startswith(f".manifest.json.tmp-{os.getpid()}-") and TEMPORARY.match(names[0])
+    assert TEMPORARY.match(names[0]).group("pid") == str(os.getpid())
 
 
 def test_atomic_entries_replaces_its_entries_only(tmp_path):
