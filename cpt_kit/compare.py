@@ -46,7 +46,7 @@ def answer(model_dir: str, prompts: list[str], system: Optional[str], max_new_to
     """(mode, answers) of one model: mode is "chat" (its chat template) or "completion"."""
     from transformers import AutoTokenizer
 
-    from cpt_kit.evaluate import generate_samples
+    from cpt_kit.samples import generate_samples
     from cpt_kit.export.chat_template import end_of_turn_tokens
     from cpt_kit.safety.generate import hf_answers, load_model, ollama_prompt
 

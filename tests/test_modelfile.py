@@ -86,7 +86,7 @@ def no_ollama(monkeypatch, tmp_path):
 
 
 def test_stage_writes_modelfile_from_chat_tokenizer(tiny_chatml, tiny_recipe, tmp_path, no_ollama):
-    from cpt_kit.export import modelfile_stage
+    from cpt_kit.export import modelfile_stage, ollama
 
     system = 'Vi estas "Kato", helpema asistanto.\nRespondu ĉiam en Esperanto.'
     recipe = recipe_for(tiny_recipe, tiny_chatml, system=system, temperature=0.7, top_p=0.9, top_k=40,
@@ -112,7 +112,7 @@ def test_stage_writes_modelfile_from_chat_tokenizer(tiny_chatml, tiny_recipe, tm
     modelfile = (run / "ollama" / "Modelfile").resolve()
     assert metrics["ollama"] == "not_found"
     assert metrics["commands"][0] == f"ollama create tiny -f {modelfile}"
-    assert metrics["commands"][1] == f"ollama run tiny {modelfile_stage.SMOKE_PROMPT}"
+    assert metrics["commands"][1] == f"ollama run tiny {ollama.SMOKE_PROMPT}"
     assert metrics["commands"][0] in ctx.console.text and metrics["commands"][1] in ctx.console.text
 
 
@@ -158,7 +158,7 @@ def test_missing_gguf_is_a_clear_error(tiny_base, tiny_recipe, tmp_path):
 
 
 def test_fake_ollama_on_path_is_called_with_the_right_args(tiny_llama3, tiny_recipe, tmp_path, monkeypatch):
-    from cpt_kit.export import modelfile_stage
+    from cpt_kit.export import modelfile_stage, ollama
 
     bin_dir, log = tmp_path / "bin", tmp_path / "ollama-calls.txt"
     bin_dir.mkdir()
@@ -171,7 +171,7 @@ def test_fake_ollama_on_path_is_called_with_the_right_args(tiny_llama3, tiny_rec
     fake_gguf(run)
     metrics = modelfile_stage.run(context(recipe_for(tiny_recipe, tiny_llama3), run))
     modelfile = (run / "ollama" / "Modelfile").resolve()
-    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", f"run tiny {modelfile_stage.SMOKE_PROMPT}"]
+    assert log.read_text().splitlines() == [f"create tiny -f {modelfile}", f"run tiny {ollama.SMOKE_PROMPT}"]
     assert metrics["ollama"] == "created" and metrics["sample"] == "Saluton, mi estas Kato."
     mf = parse(modelfile.read_text(encoding="utf-8"))
     assert mf.params("stop") == ["<|eot_id|>"] and "<|start_header_id|>" in mf.template

@@ -59,3 +59,26 @@ def test_train_setup_repr_never_shows_the_hub_token(tmp_path):
                        output_dir=tmp_path)
     assert "hf_SECRET" not in repr(setup) and "hf_SECRET" not in str(setup)
     assert setup.load_kwargs["token"] == "hf_SECRETtokenVALUE"
+
+
+def test_no_stage_imports_another_stage():
+    """Stages depend on files, not on each other: no stage module (STAGE_TABLE) imports another one,
+    at module level or inside a function."""
+    import ast
+    import importlib.util
+
+    from cpt_kit.pipeline import STAGE_TABLE
+
+    modules = {stage.module for stage in STAGE_TABLE}
+    found = []
+    for module in sorted(modules):
+        tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            else:
+                continue
+            found += [f"{module} imports {name}" for name in sorted(names & (modules - {module}))]
+    assert found == []

@@ -8,21 +8,11 @@ gguf stage), else the smallest quantization that passed, else the unquantized GG
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from cpt_kit.errors import ExportError
 from cpt_kit.run_files import chosen_quant, eos_ids, tokenizer_dir
 from cpt_kit.rundir import RunDir, atomic_write_text
-
-SMOKE_PROMPT = "Hello"
-"""What `ollama run` is asked once the model is created (not an eval prompt: editing those must not redo this stage)."""
-
-
-def ollama_name(name: str) -> str:
-    """Ollama model names: lowercase letters, digits, '.', '_' and '-'."""
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "cpt-kit-model"
-
 
 def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
@@ -60,7 +50,7 @@ def run(ctx) -> dict:
 
     from cpt_kit.run_files import gguf_path, read_quality
     from cpt_kit.export.modelfile import render
-    from cpt_kit.export.ollama import publish
+    from cpt_kit.export.ollama import SMOKE_PROMPT, ollama_name, publish
     from cpt_kit.export.quant_gate import served_quant
 
     recipe, run_dir = ctx.recipe, ctx.run

@@ -3,6 +3,7 @@ otherwise print the exact commands (Ollama cannot be installed everywhere, e.g. 
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -10,6 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 from cpt_kit.errors import ExportError
+
+SMOKE_PROMPT = "Hello"
+"""What `ollama run` is asked once the model is created (not an eval prompt: editing those must not redo this stage)."""
+
+
+def ollama_name(name: str) -> str:
+    """Ollama model names: lowercase letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "cpt-kit-model"
+
 
 
 def commands(modelfile: Path, model_name: str, prompt: str) -> list[list[str]]:

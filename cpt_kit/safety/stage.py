@@ -80,8 +80,7 @@ def run(ctx) -> dict:
 def _publish(ctx) -> dict:
     """`ollama create` (when ollama is on PATH) for a chat model, once the gate passed or was overridden
     (the modelfile stage hands CPT models to Ollama itself)."""
-    from cpt_kit.export.modelfile_stage import SMOKE_PROMPT, ollama_name
-    from cpt_kit.export.ollama import publish
+    from cpt_kit.export.ollama import SMOKE_PROMPT, ollama_name, publish
 
     if ctx.recipe.train.objective != "sft":
         return {}
