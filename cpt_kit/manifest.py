@@ -58,8 +58,10 @@ class Manifest:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise CptKitError(f"the run's manifest cannot be read ({exc})", where=str(path),
-                                  hint=f"restore it from a backup, or move the run directory {path.parent} aside "
-                                       "and start a new run (cpt-kit does not replace it)") from None
+                                  hint="cpt-kit keeps no copy of it: if you edited it, fix the JSON at the "
+                                       "position named above; else put back a copy you have (the file is "
+                                       f"small), or move the run directory {path.parent} aside and start a new "
+                                       "run (cpt-kit never replaces an unreadable manifest)") from None
             if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
                 raise CptKitError("the run's manifest is not a cpt-kit manifest (a JSON object with \"stages\")",
                                   where=str(path), hint=f"move the run directory {path.parent} aside and start a new run")

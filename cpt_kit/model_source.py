@@ -62,7 +62,7 @@ def missing_run_dir_error(base: str) -> RecipeError | None:
 def run_merged_model(run: Path) -> Path:
     """merged/ of a run directory whose merge stage finished; else an error naming the missing stage
     and the command that finishes it."""
-    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_model_json(run / "manifest.json")
     stages = manifest.get("stages", {})
     merged = run / "merged"
     if stages.get("merge", {}).get("status") == "done" and (merged / "config.json").is_file():
@@ -86,9 +86,9 @@ def merged_adapter_base(adapter_dir: Path, model: Model) -> Path:
     from cpt_kit.rundir import atomic_path
     from cpt_kit.tiny_model import cache_dir
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_model_json(adapter_dir / "adapter_config.json")
     info_file = adapter_dir / "cpt_kit_train.json"
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    info = read_model_json(info_file) if info_file.is_file() else {}
     base_name = info.get("base") or config.get("base_model_name_or_path")
     if not base_name:
         raise RecipeError(f"the adapter {adapter_dir} does not name its base model", where="model.base",
@@ -141,8 +141,10 @@ def load_kwargs(model: Model) -> dict[str, Any]:
 def check_base(model: Model) -> None:
     """Before any work (and before a run directory exists): the base resolves to a model directory or
     a hub id, and its config does not need code from the model repository unless the recipe allows it."""
-    if model.base.startswith(TINY_PREFIX):
-        return  # built by cpt-kit: a plain Llama
+    if model.base.startswith(TINY_PREFIX):  # built by cpt-kit (a plain Llama) from a folder of .txt files
+        from cpt_kit.tiny_model import tiny_base_digest
+        tiny_base_digest(Path(model.base[len(TINY_PREFIX):]).expanduser())  # RecipeError when it has none
+        return
     base = resolve_base(model)  # RecipeError for a missing or non-model local directory
     config = _read_config(base, model)
     if config is None or model.trust_remote_code:
@@ -162,14 +164,29 @@ def check_base(model: Model) -> None:
 
 def _read_config(base: str, model: Model) -> dict[str, Any] | None:
     """config.json of a local directory, or of a hub id (downloaded or cached; None when unreachable)."""
-    import json
-
     local = Path(base) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
+        return read_model_json(local)
     try:
         from huggingface_hub import hf_hub_download
         path = hf_hub_download(base, "config.json", revision=model.revision, token=os.environ.get(model.hf_token_env))
     except Exception:  # offline, private or misspelt: the stage that loads the model reports it
         return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return read_model_json(Path(path))
+
+
+def read_model_json(path: Path) -> dict[str, Any]:
+    """A JSON file of the base model (config.json, adapter_config.json, a run's manifest.json); one that
+    is not valid JSON is a RecipeError naming the file, line and column."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+                          where=f"{path}:{exc.lineno}:{exc.colno} (model.base)",
+                          hint="fix that file (a download or copy cut short? fetch the model again), or point "
+                               "model.base to another model") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} holds a JSON {type(data).__name__}, not an object", where=f"{path} (model.base)",
+                          hint="fix that file, or point model.base to another model")
+    return data

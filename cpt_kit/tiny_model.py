@@ -212,6 +212,9 @@ def cache_dir() -> Path:
 def _tiny_base_texts(text_folder: Path) -> list[str]:
     from cpt_kit.errors import RecipeError
 
+    if not Path(text_folder).is_dir():
+        raise RecipeError(f"tiny:{text_folder}: {text_folder} is not a folder", where="model.base",
+                          hint="tiny:FOLDER needs a folder of plain-text (.txt) documents to build the tiny base from")
     files = sorted(Path(text_folder).glob("*.txt"))
     if not files:
         raise RecipeError(f"no .txt files in {text_folder} to build the tiny base model from", where="model.base",

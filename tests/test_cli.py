@@ -179,6 +179,23 @@ def test_invalid_base_is_reported_before_a_run_directory_exists(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["broken_config", "tiny_missing", "tiny_empty"])
+def test_unusable_base_is_a_clear_error_before_a_run_directory_exists(tmp_path, kind):
+    base = tmp_path / "model"
+    base.mkdir()
+    if kind == "broken_config":
+        (base / "config.json").write_text('{\n  "model_type": "llama",\n  "vocab_size": 32000,,\n}\n')
+    name = {"broken_config": base, "tiny_missing": f"tiny:{tmp_path / 'nonexistent'}", "tiny_empty": f"tiny:{base}"}
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", _recipe_with_base(tmp_path, name[kind]), "--output-dir", str(out)])
+    assert result.exit_code == 2 and "model.base" in result.output and "internal error" not in result.output
+    if kind == "broken_config":
+        assert f"{base / 'config.json'}:3:" in result.output and "not valid JSON" in result.output
+    else:
+        assert ("is not a folder" if kind == "tiny_missing" else "no .txt files") in result.output
+    assert not out.exists()
+
+
 def test_base_needing_remote_code_names_the_setting_and_the_risk(tmp_path):
     base = tmp_path / "custom-model"
     base.mkdir()
