@@ -169,3 +169,25 @@ def test_saved_dataset_source_and_row_named_in_errors(tmp_path, tiny_base):
                           tmp_path / "run2")
     assert metrics["conversations_kept"] == 11 and metrics["dropped"] == {"empty_content": 1}
     assert metrics["chat_template"] == "qa" and metrics["added_tokens"] == []
+
+
+def test_prepare_replaces_only_its_own_entries_of_data(tmp_path, tiny_base):
+    """The chat prepare writes its entries of data/, as the CPT prepare does: a user's file there survives
+    a rerun after a deleted output and a --stage prepare --force."""
+    from stage_helpers import quiet_console
+
+    from cpt_kit.pipeline import run_pipeline
+    from cpt_kit.rundir import RunDir
+
+    recipe = sft_recipe(tiny_base, write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)))
+    run = RunDir(tmp_path / "run")
+    run_pipeline(recipe, run, quiet_console(), until="prepare")
+    (run.data / "mine.txt").write_text("mine")
+    (run.data / "stats.json").unlink()
+    run_pipeline(recipe, run, quiet_console(), until="prepare")  # redoes prepare: an output is missing
+    assert (run.data / "stats.json").is_file() and (run.data / "mine.txt").read_text() == "mine"
+    run_pipeline(recipe, run, quiet_console(), only="prepare", force=True)
+    assert (run.data / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in run.data.iterdir()) == ["chat_template.json", "heldout", "heldout_texts.jsonl",
+                                                          "mine.txt", "stats.json", "tokenizer",
+                                                          "tokenizer_extension.json", "train"]

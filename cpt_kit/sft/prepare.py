@@ -4,7 +4,8 @@ Streams every source row by row (nothing is held whole: the examples go to Arrow
 are made): normalise (messages / ShareGPT / question-answer), validate, add the recipe's system
 prompt, drop exact duplicates, split by conversation (a hash of the conversation decides, as for
 CPT documents), render with the chat template, label assistant tokens only, apply the
-over-length policy. Writes under data/ (built in a temporary directory, renamed into place):
+over-length policy. Writes its entries of data/ (built in a temporary directory, each renamed into
+place; anything else in data/ is left as it is):
 `train/`, `heldout/` (columns input_ids, labels; one conversation per row, variable length),
 `heldout_texts.jsonl` (rendered held-out conversations and their messages: verify's tokenizer
 probes and stop prompt),
@@ -71,7 +72,7 @@ def _log_drop(ctx, dropped: Counter, reason: str, where: str) -> None:
 
 def run(ctx) -> dict[str, Any]:
     from cpt_kit.data.tokenizer_files import load_tokenizer, save_tokenizer
-    from cpt_kit.rundir import atomic_path
+    from cpt_kit.rundir import atomic_entries
     from cpt_kit.sft.templates import setup_chat_template
 
     recipe, d, spec = ctx.recipe, ctx.recipe.data, ctx.recipe.sft
@@ -85,8 +86,7 @@ def run(ctx) -> dict[str, Any]:
     counts: Counter = Counter()
     dropped: Counter = Counter()
     candidate: Optional[tuple[float, Example, tuple]] = None  # lowest-position train example (held out if none is)
-    with atomic_path(ctx.run.data) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_entries(ctx.run.data) as tmp:  # replaces its own entries of data/, nothing else there
         train, heldout = ExampleWriter(tmp / "train.arrow"), ExampleWriter(tmp / "heldout.arrow")
         with open(tmp / "heldout_texts.jsonl", "w", encoding="utf-8") as texts:
             for position, example, messages in _examples(ctx, tokenizer, setup.end_of_turn_ids, counts, dropped):
