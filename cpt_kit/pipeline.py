@@ -98,7 +98,8 @@ class StageContext:
     console: Any
     fingerprint: str = ""
     resume: bool = False
-    """True when the same stage (same fingerprint) was interrupted before: continue where it stopped."""
+    """True when the same stage (same fingerprint) ran before and is not forced: continue from its
+    working files (train: the last complete checkpoint), whether it was interrupted or lost an output."""
     notes: list[str] = field(default_factory=list)
 
     def log(self, message: str) -> None:
@@ -170,7 +171,9 @@ def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None
                 continue
             previous = manifest.stage(stage.name)
             ctx.fingerprint = fp
-            ctx.resume = previous.get("fingerprint") == fp and previous.get("status") in ("running", "failed")
+            # same fingerprint: same fields and inputs, so its working files (checkpoints) are still
+            # valid, whether it was interrupted or finished and lost an output; not for --stage --force
+            ctx.resume = previous.get("fingerprint") == fp and bool(found.reasons)
             console.rule(f"[bold]{stage.name}")
             if found.reasons:
                 console.print(f"[dim]  runs because: {'; '.join(found.reasons)}[/dim]")

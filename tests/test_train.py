@@ -240,6 +240,43 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_recipe, mon
     assert (root / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_deleted_adapter_is_rewritten_from_the_last_checkpoint_and_user_files_in_checkpoints_stay(
+        tmp_path, tiny_recipe):
+    from stage_helpers import RecordingConsole
+
+    from cpt_kit.pipeline import run_pipeline
+    from cpt_kit.rundir import RunDir
+
+    recipe = tiny_recipe(train={"max_steps": 8, "save_steps": 4, "eval_steps": 0})
+    root = tmp_path / "run"
+    before = run_until(recipe, root, "train").metrics("train")
+    adapter_before = adapter_tensors(root / "adapter")
+    (root / "checkpoints" / "my-best").mkdir()
+    (root / "checkpoints" / "my-best" / "keep.txt").write_text("mine")
+    import shutil
+    shutil.rmtree(root / "adapter")  # same recipe, same data: the final checkpoint still holds the adapter
+    after = run_until(recipe, root, "train").metrics("train")
+    assert after["resumed_from_step"] == 8 and after["steps"] == 8  # no step trained again
+    assert (after["first_train_loss"], after["last_train_loss"]) == (before["first_train_loss"], before["last_train_loss"])
+    assert after["final_eval_loss"] == pytest.approx(before["final_eval_loss"], rel=1e-5)
+    adapter_after = adapter_tensors(root / "adapter")
+    assert adapter_after.keys() == adapter_before.keys()
+    assert all(adapter_after[k].equal(adapter_before[k]) for k in adapter_before)
+    begins = [r["step"] for r in read_jsonl(root / "logs" / "train.jsonl") if r.get("event") == "train_begin"]
+    assert begins == [0]
+
+    # another recipe: training starts over, removing the trainer's checkpoint-N folders and the log only
+    console = RecordingConsole()
+    shorter = tiny_recipe(train={"max_steps": 4, "save_steps": 4, "eval_steps": 0})
+    run_pipeline(shorter, RunDir(root), console, until="train", force=True)
+    assert "removed checkpoints/checkpoint-4, checkpoints/checkpoint-8, logs/train.jsonl" in console.text
+    assert (root / "checkpoints" / "my-best" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (root / "checkpoints").glob("*-*")) == ["checkpoint-4", "my-best"]
+    begins = [r["step"] for r in read_jsonl(root / "logs" / "train.jsonl") if r.get("event") == "train_begin"]
+    assert begins == [0]
+
+
 def check_tied_base_kept_tied(root, base_dir) -> dict:
     """A tied base trained with train_embeddings: one trained matrix, recorded, merged still tied
     (shared by the hf and the unsloth tests). Returns adapter/cpt_kit_train.json."""

@@ -66,6 +66,23 @@ class TrainLog(TrainerCallback):
         self._interval_steps = 0
         self._step_started: Optional[float] = None
 
+    def read_earlier(self, up_to_step: int) -> None:
+        """Take the losses an earlier session logged up to `up_to_step` (the checkpoint resumed from), so
+        first/last loss cover the whole training; later records (steps redone) are not taken."""
+        if not self.path.is_file():
+            return
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a kill
+                continue
+            if record.get("step", up_to_step + 1) > up_to_step:
+                continue
+            if "loss" in record:
+                self.losses.append((record["step"], float(record["loss"])))
+            elif "eval_loss" in record:
+                self.eval_losses.append((record["step"], float(record["eval_loss"])))
+
     def _write(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:

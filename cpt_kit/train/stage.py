@@ -4,12 +4,14 @@ train.objective="sft", supervised fine-tuning on its conversations), into adapte
 Reads data/train, data/heldout (one column `input_ids`, fixed-length blocks), data/tokenizer/
 and, when present, data/tokenizer_extension.json. Writes checkpoints/checkpoint-N/ every
 `train.save_steps`, logs/train.jsonl, and adapter/ (PEFT adapter with embed_tokens/lm_head as
-full weights, the tokenizer, cpt_kit_train.json) atomically. A run interrupted with the same
-fingerprint resumes from its last complete checkpoint.
+full weights, the tokenizer, cpt_kit_train.json) atomically. A rerun with the same fingerprint
+(interrupted, or finished and adapter/ deleted) resumes from its last complete checkpoint; any other
+run removes the `checkpoint-N/` folders and logs/train.jsonl first (nothing else in checkpoints/).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +46,15 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from cpt_kit.model_source import load_kwargs, resolve_base
 
     recipe, run_dir, hw = ctx.recipe, ctx.run, ctx.hardware
+    # first, before anything can fail: checkpoints of another fingerprint must not survive a failed start
+    checkpoint = resume_checkpoint(run_dir.checkpoints, ctx.log) if ctx.resume else None
+    log_path = run_dir.logs / "train.jsonl"
+    if checkpoint is None:
+        removed = remove_training_files(run_dir.checkpoints, log_path)
+        if removed:
+            ctx.log(f"training from the start: removed {', '.join(removed)} (an earlier training's working files)")
+    else:
+        ctx.log(f"resuming from {checkpoint.name} (the last complete checkpoint of this stage with the same inputs)")
     chat = recipe.train.objective == "sft"
     if chat:
         from cpt_kit.train import chat_data
@@ -68,13 +79,6 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                        load_in_4bit=load_in_4bit, optim=resolve_optim(recipe, hw.device),
                        gradient_checkpointing=use_gradient_checkpointing(recipe, hw), output_dir=run_dir.checkpoints,
                        extension=extension, train_embeddings=recipe.lora.train_embeddings or embeddings_enabled)
-    checkpoint = resume_checkpoint(run_dir.checkpoints, ctx.log) if ctx.resume else None
-    log_path = run_dir.logs / "train.jsonl"
-    if checkpoint is None:
-        shutil.rmtree(run_dir.checkpoints, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
-    else:
-        ctx.log(f"resuming from {checkpoint.name} (the previous run of this stage was interrupted)")
     ctx.log(f"backend {backend.name} ({backend_reason}), precision {precision}, "
             f"{'4-bit' if load_in_4bit else 'unquantized'} base, optimizer {setup.optim}, gradient checkpointing "
             f"{'on' if setup.gradient_checkpointing else 'off'}, "
@@ -97,13 +101,23 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         train_ds, collate, row_tokens = chat_data.training_inputs(model, tokenizer, train_ds, recipe, backend.name)
     tokens_per_step = round(t.per_device_train_batch_size * t.gradient_accumulation_steps * row_tokens)
     log = TrainLog(log_path, tokens_per_step, hw.device, {id(p) for p in embedding_parameters(model)})
+    if checkpoint is not None:
+        log.read_earlier(checkpoint_step(checkpoint))  # the losses before it, for the stage's metrics
     trainer = backend.make_trainer(setup, model, tokenizer, train_ds, eval_ds,
                                    [log, NanGuard(precision), TrainProgress(ctx.console, tokens_per_step), *callbacks],
                                    collate)
     for noisy in (PrinterCallback, ProgressCallback):  # TrainProgress shows the same, on one line
         trainer.remove_callback(noisy)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and training_finished(checkpoint):
+        # the end of training (adapter/ was deleted): the adapter is its weights, no step is trained again
+        ctx.log(f"{checkpoint.name} is the last step of training: writing the adapter from it")
+        load_checkpoint_adapter(model, checkpoint)
+        trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
+        runtime = 0.0
+    else:
+        runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
+            "train_runtime", 0.0)
     final_eval = None
     if len(eval_ds):
         last = log.eval_losses[-1] if log.eval_losses else None
@@ -133,12 +147,12 @@ def train(ctx, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     metrics = dict(
         backend=backend.name, backend_reason=backend_reason, precision=precision, loaded_in_4bit=load_in_4bit,
         gradient_checkpointing=setup.gradient_checkpointing, steps=steps,
-        resumed_from_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
+        resumed_from_step=checkpoint_step(checkpoint) if checkpoint else None,
         first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
         final_eval_loss=final_eval, train_tokens=steps * tokens_per_step,
         tokens_per_second=round(log.steps_this_session * tokens_per_step / log.train_seconds, 1)
         if log.train_seconds else None,
-        seconds=round(seconds, 2), train_runtime=round(result.metrics.get("train_runtime", 0.0), 2),
+        seconds=round(seconds, 2), train_runtime=round(runtime, 2),
         tied_base=tied_base, embedding_tie=tie["embedding_tie"], tie=tie_summary(tie),
         headline=["first_train_loss", "last_train_loss", "final_eval_loss", "tokens_per_second", "backend",
                   "backend_reason", "tie"])
@@ -179,6 +193,40 @@ def resume_checkpoint(checkpoints: Path, log: Callable[[str], None] = lambda mes
         log(f"[yellow]{path.name} cannot be resumed from: {problem}; removed it[/yellow]")
         shutil.rmtree(path)
     return None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def training_finished(checkpoint: Path) -> bool:
+    """The checkpoint is of the last step (its trainer_state.json: global_step reached max_steps)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
+    """Put the adapter weights a checkpoint holds (PEFT's adapter_model.safetensors) into `model`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise TrainingError(f"{checkpoint} holds weights the model does not have: {result.unexpected_keys[:3]}",
+                            where=str(checkpoint), hint="delete checkpoints/ and run again (training restarts)")
+
+
+def remove_training_files(checkpoints: Path, log_path: Path) -> list[str]:
+    """Remove what a training run writes there: the trainer's `checkpoint-N/` folders and cpt-kit's
+    training log. Anything else (a user's `checkpoints/my-best/`) is left. Returns what was removed."""
+    removed = []
+    for _, path in sorted(checkpoints_newest_first(checkpoints)):
+        shutil.rmtree(path)
+        removed.append(f"{checkpoints.name}/{path.name}")
+    if log_path.is_file():
+        log_path.unlink()
+        removed.append(f"{log_path.parent.name}/{log_path.name}")
+    return removed
 
 
 def save_adapter(adapter_dir: Path, model: Any, tokenizer_dir: Path, info: dict[str, Any]) -> None:
