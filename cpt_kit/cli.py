@@ -235,7 +235,7 @@ def export(run_dir, adapter, base, output_dir, name, overrides, until, force):
         refuse_foreign_dir(run)
         with run_lock(run.root, log=lambda text: console.print(f"[yellow]{text}[/yellow]")):
             if adapter:  # the adapter is copied in under the lock: no other run sees it half-copied
-                prepare_adapter_run(Path(adapter), resolved, run)
+                prepare_adapter_run(Path(adapter), resolved, run, force)
             return run_pipeline(resolved, run, console, until=until, force=force, start="merge")
 
     _run_and_report(console, run, export_run, report_on_failure=until in (None, "report"))

@@ -136,14 +136,19 @@ def check_run_dir(recipe: Recipe, run: RunDir, manifest: Manifest, plan: Plan, f
     if force:
         return
     root = run.root
-    old_name = manifest.data.get("recipe", {}).get("name")
-    if old_name and old_name != recipe.name:
-        raise CptKitError(f"{root} holds the run of recipe {old_name!r}, not {recipe.name!r}", where=str(root),
-                          hint="choose another --output-dir, or pass --force to redo its stages for this recipe")
+    check_recipe_name(recipe, run, manifest)
     if plan.conflicts:
         why = "; ".join(f"{s.stage.name}: {', '.join(s.reasons)}" for s in plan.steps if s.needs_force)
         raise CptKitError(f"finished stages would be redone ({why})", where=str(root),
                           hint="pass --force to redo them (their outputs are replaced), or use another --output-dir")
+
+
+def check_recipe_name(recipe: Recipe, run: RunDir, manifest: Manifest) -> None:
+    """Refuse a run directory that holds another recipe's run (--force skips this check)."""
+    old_name = manifest.data.get("recipe", {}).get("name")
+    if old_name and old_name != recipe.name:
+        raise CptKitError(f"{run.root} holds the run of recipe {old_name!r}, not {recipe.name!r}", where=str(run.root),
+                          hint="choose another --output-dir, or pass --force to redo its stages for this recipe")
 
 
 def run_pipeline(recipe: Recipe, run: RunDir, console: Any, *, until: str | None = None,
@@ -240,13 +245,19 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict, err
     if stage.outputs and not written:
         raise CptKitError(f"stage {stage.name!r} finished without writing any of {', '.join(stage.outputs)}",
                           where=stage.module, hint="this is a bug in the stage; please report it")
-    for rel, record in previous.get("outputs", {}).items():
-        path = run.root / rel
-        if rel not in written and path.is_file() and file_record(path) == record:
-            path.unlink()
-            ctx.log(f"removed {rel} (written by an earlier run of {stage.name}, not by this one)")
+    remove_earlier_outputs(stage.name, previous, written, run.root, ctx.log)
     outputs = {rel: file_record(run.root / rel) for rel in written}
     manifest.finish(stage.name, metrics or {}, time.perf_counter() - started, outputs)
+
+
+def remove_earlier_outputs(name: str, previous: dict, written: list[str], root: Path, log) -> None:
+    """Remove the files an earlier run of stage `name` recorded and this one did not write again, when
+    they are still as recorded (a file changed since is someone's: it stays)."""
+    for rel, record in previous.get("outputs", {}).items():
+        path = root / rel
+        if rel not in written and path.is_file() and file_record(path) == record:
+            path.unlink()
+            log(f"removed {rel} (written by an earlier run of {name}, not by this one)")
 
 
 def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: float, error_log: str) -> None:
@@ -263,7 +274,7 @@ def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: 
 def unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> list[str]:
     """Files under the stage's output paths that this run did not write (the stage could replace them):
     neither recorded when it last finished nor written by its unfinished attempts since then."""
-    if entry.get("status") in ("done", "stale") and "outputs" not in entry:
+    if entry.get("status") in ("done", "stale", "external") and "outputs" not in entry:
         return []  # finished under a cpt-kit that did not record outputs
     recorded = entry.get("outputs", {})
     since = entry.get("unfinished_since", float("inf")) - 1.0

@@ -178,3 +178,68 @@ def test_changed_adapter_is_exported_again(biased_base, tmp_path):
     merged_after = base_tensors(out / "merged")
     assert any(not (merged_after[k] == merged_before[k]).all() for k in merged_before)
     assert (out / "gguf" / "eo-Q8_0.gguf").read_bytes() != gguf_before
+
+
+def _tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_adapter_never_replaces_an_adapter_cpt_kit_trained(adapter_dir, tiny_base, tmp_path, force):
+    """A run whose train stage cpt-kit ran: `export --adapter ... --output-dir RUN` is refused before
+    anything is copied, whatever the flags and whatever --name says."""
+    import shutil
+
+    from cpt_kit.file_records import records
+    from cpt_kit.manifest import Manifest
+    from cpt_kit.recipe import Model, Recipe
+
+    run = tmp_path / "demo"
+    shutil.copytree(adapter_dir, run / "adapter")
+    (run / "adapter" / "cpt_kit_train.json").write_text(json.dumps({"base": str(tiny_base), "steps": 40}))
+    manifest = Manifest.load(run / "manifest.json")
+    manifest.data["recipe"] = Recipe(name="demo", model=Model(base=str(tiny_base))).to_dict()
+    manifest.start("train", "f00d", {})
+    manifest.finish("train", {"steps": 40}, 1.0, records(run, ["adapter"]))
+    before = _tree(run / "adapter")
+    other = tmp_path / "other-adapter"
+    shutil.copytree(adapter_dir, other)
+    (other / "adapter_model.safetensors").write_bytes(b"another adapter")
+    args = ["export", "--adapter", other, "--base", tiny_base, "--output-dir", run, "--name", "demo"]
+    result = invoke(*args, *(["--force"] if force else []))
+    assert result.exit_code == 2, result.output
+    assert "whose adapter cpt-kit trained" in result.output and f"cpt-kit export {run}" in result.output
+    assert _tree(run / "adapter") == before
+    assert json.loads((run / "manifest.json").read_text())["stages"]["train"]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_export_adapter_keeps_files_it_did_not_copy(tiny_base, tmp_path):
+    """A note in adapter/ is not replaced: a changed adapter is refused until it is moved out; the same
+    adapter again redoes nothing; files the previous adapter had and the new one has not are removed."""
+    from test_merge import make_adapter
+
+    first = make_adapter(tiny_base, tmp_path / "a1" / "adapter", seed=1)
+    (first / "extra.txt").write_text("only in the first adapter")
+    second = make_adapter(tiny_base, tmp_path / "a2" / "adapter", seed=2)
+    out = tmp_path / "E1"
+    args = ["--base", tiny_base, "--output-dir", out, "--name", "eo", "--until", "merge"]
+    assert invoke("export", "--adapter", first, *args).exit_code == 0
+    (out / "adapter" / "NOTES.md").write_text("notes")
+    before = _tree(out / "adapter")
+
+    refused = invoke("export", "--adapter", second, *args)
+    assert refused.exit_code == 2 and "adapter/NOTES.md" in refused.output and "move them out" in refused.output
+    assert _tree(out / "adapter") == before
+
+    same = invoke("export", "--adapter", first, *args)
+    assert same.exit_code == 0 and "merge: done already" in same.output, same.output
+    assert _tree(out / "adapter") == before
+
+    (out / "adapter" / "NOTES.md").rename(tmp_path / "NOTES.md")
+    changed = invoke("export", "--adapter", second, *args)
+    assert changed.exit_code == 0, changed.output
+    assert "merge: done already" not in changed.output
+    assert sorted(_tree(out / "adapter")) == sorted([p.name for p in second.iterdir()] + ["cpt_kit_train.json"])
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (second / "adapter_model.safetensors").read_bytes()

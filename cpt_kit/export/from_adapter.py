@@ -1,8 +1,9 @@
 """`cpt-kit export`: the recipe of an existing run, or a new run around a plain PEFT adapter + base.
 
-A plain adapter gets a run directory with the adapter copied into `adapter/`, a recipe built from
-its adapter_config.json (r, lora_alpha, rsLoRA, target modules), `adapter/cpt_kit_train.json`
-naming the base, and the stages before merge recorded in the manifest as external.
+A plain adapter gets a run directory with the adapter's files copied into `adapter/`, a recipe
+built from its adapter_config.json (r, lora_alpha, rsLoRA, target modules), `adapter/cpt_kit_train.json`
+naming the base, and the stages before merge recorded in the manifest as external (the train stage
+with the copied files as its outputs). A directory whose adapter cpt-kit trained is never written into.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterable, Optional
 from cpt_kit.errors import CptKitError
 from cpt_kit.manifest import Manifest
 from cpt_kit.recipe import Lora, Model, Recipe, Train, apply_overrides, recipe_from_dict
-from cpt_kit.rundir import RunDir, atomic_path, atomic_write_json
+from cpt_kit.rundir import RunDir, atomic_entries, atomic_write_json
 
 
 
@@ -50,23 +51,61 @@ def recipe_for_adapter(adapter_dir: Path, base: Optional[str], name: str, overri
 def _same_files(source: Path, copy: Path) -> bool:
     import filecmp
     return copy.is_dir() and all((copy / p.name).is_file() and filecmp.cmp(p, copy / p.name, shallow=False)
-                                 for p in source.iterdir() if p.is_file() and p.name != "cpt_kit_train.json")
+                                 for p in _adapter_files(source) if p.name != "cpt_kit_train.json")
 
 
-def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir) -> None:
-    """Copy the adapter into the run and record the earlier stages as external (idempotent). The caller
-    has checked that `run` is a run directory (or new) and holds its lock."""
+def _adapter_files(adapter_dir: Path) -> list[Path]:
+    """The adapter's own files: those at the top of its folder (adapter_config.json, the weights, the
+    tokenizer); sub-folders (a trainer's checkpoints) are not part of it."""
+    return sorted(p for p in Path(adapter_dir).iterdir() if p.is_file())
+
+
+def check_adapter_run(recipe: Recipe, run: RunDir, manifest: Manifest, force: bool) -> None:
+    """Before anything is copied: `run` is new or an earlier `export --adapter` run (never a run whose
+    adapter cpt-kit trained, whatever the flags), of this recipe name (unless --force)."""
+    from cpt_kit.pipeline import check_recipe_name
+
+    status = manifest.stage("train").get("status")
+    if status not in (None, "external"):
+        name = manifest.data.get("recipe", {}).get("name", "?")
+        raise CptKitError(f"{run.root} holds the run of recipe {name!r}, whose adapter cpt-kit trained (train stage "
+                          f"{status}): export --adapter would replace it", where=str(run.root),
+                          hint=f"export that run's own adapter with `cpt-kit export {run.root}`, or give this adapter "
+                               "another --output-dir")
+    if not force:
+        check_recipe_name(recipe, run, manifest)
+
+
+def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir, force: bool = False) -> None:
+    """Check the run directory (check_adapter_run), then copy the adapter's files into adapter/ (only
+    those: anything else there stays) and record the earlier stages as external, the copied files as
+    the train stage's outputs (idempotent). The caller has checked that `run` is a run directory (or
+    new) and holds its lock."""
+    from cpt_kit.file_records import file_record
+    from cpt_kit.pipeline import STAGE_TABLE, STAGES, remove_earlier_outputs, unrecorded_outputs
+
     adapter_dir = Path(adapter_dir).resolve()
+    manifest = Manifest.load(run.manifest)
+    check_adapter_run(recipe, run, manifest, force)
+    train = manifest.stage("train")
     if run.adapter.resolve() != adapter_dir and not _same_files(adapter_dir, run.adapter):
-        with atomic_path(run.adapter) as tmp:
-            shutil.copytree(adapter_dir, tmp)
+        unrecorded = unrecorded_outputs(STAGE_TABLE[STAGES.index("train")], train, run.root)
+        if unrecorded:
+            raise CptKitError(f"{run.adapter} holds files this run did not copy there: {', '.join(unrecorded[:5])}"
+                              + (f" (+{len(unrecorded) - 5} more)" if len(unrecorded) > 5 else ""),
+                              where=str(run.root), hint="move them out of adapter/ (it holds the adapter cpt-kit "
+                                                        "exports), then run again")
+        with atomic_entries(run.adapter) as tmp:  # replaces the adapter's files, nothing else there
+            for item in _adapter_files(adapter_dir):
+                shutil.copyfile(item, tmp / item.name)
             info = tmp / "cpt_kit_train.json"
             data = json.loads(info.read_text()) if info.is_file() else {}
             data.update(base=recipe.model.base, external=True, source=str(adapter_dir))
             atomic_write_json(info, data)
-    from cpt_kit.pipeline import STAGES
-
-    manifest = Manifest.load(run.manifest)
+            written = sorted(f"{run.adapter.name}/{p.name}" for p in tmp.iterdir())
+        remove_earlier_outputs("train", train, written, run.root, lambda text: None)
+        manifest.data["stages"]["train"] = {"status": "external", "source": str(adapter_dir),
+                                            "outputs": {rel: file_record(run.root / rel) for rel in written}}
     for stage in STAGES[: STAGES.index("merge")]:
         manifest.data["stages"].setdefault(stage, {"status": "external", "source": str(adapter_dir)})
     manifest.save()
