@@ -2,7 +2,8 @@
 
 Generates the file set a finished run of a Llama-3.2-1B-shaped recipe leaves (sizes of the real
 files: 2.47 GB merged safetensors, 360 MB LoRA r=128 adapter, 256 MB packed training data,
-17 MB tokenizer.json three times, three GGUFs) and times, with the paths of `STAGE_TABLE`:
+17 MB tokenizer.json three times, three GGUFs, and the small files of evaluate, compare, verify,
+safety and report) and times, with the paths of `STAGE_TABLE`:
 
 - record: the output records written when each stage finishes (`file_records.records`);
 - check:  the check a rerun makes that every recorded output is intact (`file_records.problems`);
@@ -45,7 +46,9 @@ REAL = {  # path: bytes (written in full)
     "eval/perplexity.json": 1_500, "eval/samples.json": 4_000,
     "merged/model.safetensors": 2_471_000_000, "merged/config.json": 900, "merged/generation_config.json": 200,
     "merged/tokenizer.json": 17 * MB, "merged/tokenizer_config.json": 54_000, "merged/special_tokens_map.json": 300,
-    "ollama/Modelfile": 2_000, "verify.json": 6_000,
+    "eval/comparison.json": 6_000, "eval/comparison.md": 4_000, "gguf/quality.json": 1_200,
+    "ollama/Modelfile": 2_000, "verify.json": 6_000, "safety.json": 8_000, "logs/train.jsonl": 400_000,
+    "report.md": 9_000, "report.html": 320_000, "report/loss.png": 60_000, "report/perplexity.png": 40_000,
 }
 SPARSE = {"gguf/model-F16.gguf": 2_479_000_000, "gguf/model-Q8_0.gguf": 1_322_000_000,
           "gguf/model-Q4_K_M.gguf": 808_000_000}
