@@ -151,7 +151,7 @@ def _size(size: int) -> str:
 
 
 def _ollama(facts: Facts) -> list[Block]:
-    from cpt_kit.export.modelfile_stage import ollama_name
+    from cpt_kit.export.ollama import ollama_name
 
     modelfile = facts.run.ollama / "Modelfile"
     if not (modelfile.is_file() and facts.done("modelfile")):
