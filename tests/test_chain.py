@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from stage_helpers import run_until
+from stage_helpers import record_stage_reads, run_until, undeclared
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +49,15 @@ def write_chat_recipe(folder, cpt_root):
     return recipe
 
 
-def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_path):
+def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_path, monkeypatch):
+    from cpt_kit import pipeline
     from cpt_kit.cli import main
     from cpt_kit.lineage import weights_sha256
     from cpt_kit.report import fmt
 
     cpt_root = tmp_path / "language"
     run_until(tiny_recipe(), cpt_root, "merge")
+    reads = record_stage_reads(monkeypatch, pipeline.STAGE_TABLE)  # the SFT path's reads (test_stage_reads: CPT's)
     recipe = write_chat_recipe(tmp_path, cpt_root)
     root = tmp_path / "chat"
 
@@ -106,3 +108,6 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert json.loads((root / "safety.json").read_text())["gate"]["overridden"] is True
     final_report = (root / "report.md").read_text(encoding="utf-8")
     assert "overridden" in final_report and "This run failed" not in final_report
+    declared = {s.name: s.reads for s in pipeline.STAGE_TABLE}
+    assert {name: undeclared(found, declared[name]) for name, found in reads.items()} == {s: [] for s in declared}
+    assert {"sft.system_prompt", "train.objective"} <= reads["modelfile"] and "sft" in {r.split(".")[0] for r in reads["prepare"]}
