@@ -91,6 +91,9 @@ def install(point: str) -> None:
     elif point == "merge":
         import cpt_kit.export.safetensors_io as safetensors_io
         after(safetensors_io, "write_safetensors")  # a merged shard is written, merged/ not renamed yet
+    elif point == "compare":
+        import cpt_kit.compare as compare
+        after(compare, "atomic_write_json")  # comparison.json written, comparison.md not yet
     elif point in ("convert", "quantize"):
         import cpt_kit.export.gguf as gguf
         during_subprocess(gguf, calls=1 if point == "convert" else 2)
@@ -100,6 +103,9 @@ def install(point: str) -> None:
     elif point == "verify":
         import cpt_kit.perplexity as perplexity
         after(perplexity, "gguf_scores")  # the first GGUF is scored
+    elif point == "report":
+        from matplotlib.figure import Figure
+        after(Figure, "savefig")  # the first plot is written into the unfinished report/ folder
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

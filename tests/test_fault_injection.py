@@ -28,7 +28,8 @@ from cpt_kit.rundir import atomic_path, atomic_write_json, remove_stale_partials
 CHILD = Path(__file__).with_name("fault_child.py")
 KILLS = [  # (point, the stage that is running when the process dies)
     ("tokenize", "prepare"), ("train_step_10", "train"), ("checkpoint_8_write", "train"), ("evaluate", "evaluate"),
-    ("merge", "merge"), ("convert", "gguf"), ("quantize", "gguf"), ("modelfile", "modelfile"), ("verify", "verify"),
+    ("merge", "merge"), ("compare", "compare"), ("convert", "gguf"), ("quantize", "gguf"), ("modelfile", "modelfile"),
+    ("verify", "verify"), ("report", "report"),
 ]
 
 
@@ -125,6 +126,8 @@ def test_killed_in_every_stage_then_rerun_gives_the_same_model(tiny_base, target
     state = json.loads((run / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
     assert json.loads((run / "verify.json").read_text())["passed"] is True
+    assert (run / "eval" / "comparison.md").is_file() and (run / "report.md").is_file()
+    assert sorted(p.name for p in (run / "report").iterdir()) == sorted(p.name for p in (reference / "report").iterdir())
     # resumed training is bitwise identical to uninterrupted training here (CPU, same seed, RNG and
     # optimizer state restored from checkpoint-4), so every later output is too
     expected, got = merged_tensors(reference), merged_tensors(run)
