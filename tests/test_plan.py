@@ -13,7 +13,7 @@ import pytest
 
 from cpt_kit.errors import RecipeError
 from cpt_kit.planner import plan_recipe, settings_for
-from cpt_kit.planner.estimate import Settings, estimate
+from cpt_kit.planner.estimate import CPU_UTILISATION, Settings, estimate
 from cpt_kit.planner.gpus import DEVICES, Device
 from cpt_kit.planner.shapes import known_shape, shape_for_base
 from cpt_kit.recipe import ALL_LINEAR, Lora, Model, Recipe, Train, apply_overrides, load_recipe
@@ -290,6 +290,18 @@ def test_recorded_cpu_measurements_are_reproduced_within_15_percent(name, overri
         recipe = apply_overrides(recipe, [f"model.base={load_recipe(REPO / 'recipes' / 'demo.py').model.base}"])
     needed_mib = plan_recipe(recipe, DEVICES["cpu"]).needed_gib * 1024
     assert abs(needed_mib - measured_mib) / measured_mib < 0.15, (name, needed_mib, measured_mib)
+
+
+def test_cpu_time_is_within_25_percent_of_idle_measurements():
+    """Training time on the "cpu" device against runs measured on that machine, idle (BENCHMARKS.md,
+    planner): the demo recipe's train_runtime, and a SmolLM-135M shape's tokens/s (bench/train.py)."""
+    demo = plan_recipe(load_recipe(REPO / "recipes" / "demo.py"), DEVICES["cpu"])
+    assert abs(demo.hours * 3600 - 18.2) / 18.2 < 0.25, demo.hours * 3600
+    smol = dataclasses.replace(BASE, batch_size=2, seq_len=256, r=16, load_in_4bit=False, gradient_checkpointing=False,
+                               backend="hf", cuda=False, eight_bit_optimizer=False)
+    flops = estimate(known_shape("HuggingFaceTB/SmolLM2-135M"), smol).flops_per_token
+    tokens_per_second = DEVICES["cpu"].peak_tflops * 1e12 * CPU_UTILISATION / flops
+    assert abs(tokens_per_second - 206) / 206 < 0.25, tokens_per_second
 
 
 def test_sft_time_counts_batches_padded_to_their_longest_prepared_row(tmp_path):

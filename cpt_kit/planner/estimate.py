@@ -59,7 +59,12 @@ UTILISATION = {"unsloth": 0.26, "hf": 0.15}
 """Share of the device's peak FLOPS reached in training. Measured on an H100 (BENCHMARKS.md:
 Llama-3.2-1B shape, 4-bit, r=128, seq 2048: 30,369 tokens/s Unsloth = 26%, 17,856 hf = 15%) and
 used for every GPU; on CPU both backends run plain PyTorch kernels."""
-CPU_UTILISATION = 0.35
+CPU_UTILISATION = 0.6
+"""Share of the "cpu" device's peak reached by CPU training (fp32 PyTorch kernels, both backends).
+Measured on that 2-core machine, idle, 2026-11-27 (BENCHMARKS.md, planner): 0.48 for the demo CPT
+run (2M parameters, 18.2 s), 0.51 for the demo chat SFT run (98.7 s) and 0.70 for a SmolLM-135M
+shape (hf, seq 256 x batch 2, 206 tokens/s). 0.6 puts all three within 25% (-20%, -16%, +18%): a
+bigger model keeps the vector units busier than a 2M one."""
 CPU_MALLOC_KEPT = {False: 0.5, True: 1.0}
 """Freed blocks glibc keeps on CPU, as a share of a step's activations + logits: fixed-shape
 batches (False) or batches padded to their longest row, one shape per step (True)."""
