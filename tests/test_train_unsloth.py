@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stage_helpers import base_tensors
+from stage_helpers import adapter_tensors, base_tensors
 from test_train import check_tied_base_kept_tied, check_trained_run
 
 pytest.importorskip("unsloth")
@@ -70,3 +70,20 @@ def test_unsloth_tied_base_stays_tied_through_merge_and_gguf(tmp_path, tiny_reci
     for gguf in ("tiny-F16.gguf", "tiny-Q8_0.gguf"):
         names = {t.name for t in GGUFReader(root / "gguf" / gguf).tensors}
         assert "token_embd.weight" in names and "output.weight" not in names, gguf  # llama.cpp reuses token_embd
+
+
+@pytest.mark.slow
+def test_unsloth_deleted_adapter_is_rewritten_from_the_final_checkpoint(tmp_path, tiny_recipe):
+    """As with the hf backend (test_train.py): same recipe, adapter/ deleted -> the final checkpoint's
+    weights are loaded into the Unsloth model, no step is trained again, the adapter is the same."""
+    import shutil
+
+    recipe = tiny_recipe(train={"backend": "unsloth", "max_steps": 4, "save_steps": 4, "eval_steps": 0})
+    root = run_in_subprocess(recipe, tmp_path, until="train")
+    before = adapter_tensors(root / "adapter")
+    shutil.rmtree(root / "adapter")
+    run_in_subprocess(recipe, tmp_path, until="train")
+    train = json.loads((root / "manifest.json").read_text())["stages"]["train"]["metrics"]
+    assert train["resumed_from_step"] == 4 and train["steps"] == 4 and train["backend"] == "unsloth"
+    after = adapter_tensors(root / "adapter")
+    assert after.keys() == before.keys() and all(after[k].equal(before[k]) for k in before)
