@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,4 +121,66 @@ def record_stage_reads(monkeypatch, table) -> dict:
                 def wrapped(ctx, original=original, reads=reads):
                     return original(dataclasses.replace(ctx, recipe=RecordingRecipe(ctx.recipe, reads)))
                 monkeypatch.setattr(module, hook, wrapped)
+    return found
+
+
+_FILE_READS: dict = {"stage": None, "root": None, "found": None}
+
+
+def _record_open(event: str, args: tuple) -> None:
+    """Audit hook: a file opened for reading under the recorded run, by the stage running now."""
+    state = _FILE_READS
+    if event != "open" or state["stage"] is None or not isinstance(args[0], (str, os.PathLike)):
+        return
+    path, mode, flags = args
+    reading = ("r" in mode and "+" not in mode) if isinstance(mode, str) else (flags & os.O_ACCMODE) == os.O_RDONLY
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(state["root"])
+    except ValueError:
+        return
+    if reading:
+        state["found"].setdefault(state["stage"], set()).add(rel.as_posix())
+
+
+def record_stage_files(monkeypatch, table, root: Path) -> dict:
+    """Wrap each stage module's run/input_fingerprint so the files it opens for reading (from Python:
+    files that a C or Rust library opens itself are not seen) under the run directory `root` are
+    recorded; returns {stage: {run-relative path}}. The audit hook stays installed (Python cannot
+    remove one) but records nothing outside a wrapped call."""
+    import importlib
+    import sys
+
+    if not getattr(record_stage_files, "hooked", False):
+        sys.addaudithook(_record_open)
+        record_stage_files.hooked = True
+    found: dict = {}
+    _FILE_READS.update(root=Path(os.path.abspath(root)), found=found)
+    for stage in table:
+        module = importlib.import_module(stage.module)
+        for hook in ("run", "input_fingerprint"):
+            if hasattr(module, hook):
+                original = getattr(module, hook)
+
+                def wrapped(ctx, original=original, name=stage.name):
+                    _FILE_READS["stage"] = name
+                    try:
+                        return original(ctx)
+                    finally:
+                        _FILE_READS["stage"] = None
+                monkeypatch.setattr(module, hook, wrapped)
+    return found
+
+
+def undeclared_files(files: dict, table) -> dict:
+    """{stage: run files it opened for reading that it does not declare}: a stage's inputs, its own
+    outputs (the report embeds its plots) and manifest.json (the report's source) are declared; an
+    unfinished write (.NAME.partial-PID) is the stage's own."""
+    from cpt_kit.file_records import TEMPORARY
+
+    found = {}
+    for stage in table:
+        allowed = (*stage.inputs, *stage.outputs, "manifest.json")
+        found[stage.name] = sorted(
+            p for p in files.get(stage.name, ()) if not any(TEMPORARY.match(part) for part in p.split("/"))
+            and not any(p == a or p.startswith(a + "/") for a in allowed))
     return found

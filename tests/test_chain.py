@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from stage_helpers import record_stage_reads, run_until, undeclared
+from stage_helpers import record_stage_files, record_stage_reads, run_until, undeclared, undeclared_files
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,7 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     reads = record_stage_reads(monkeypatch, pipeline.STAGE_TABLE)  # the SFT path's reads (test_stage_reads: CPT's)
     recipe = write_chat_recipe(tmp_path, cpt_root)
     root = tmp_path / "chat"
+    files = record_stage_files(monkeypatch, pipeline.STAGE_TABLE, root)
 
     failed = CliRunner().invoke(main, ["run", str(recipe), "--output-dir", str(root)])
     assert failed.exit_code == 2, failed.output
@@ -110,4 +111,6 @@ def test_cpt_then_sft_then_export_verify_and_the_safety_gate(tiny_recipe, tmp_pa
     assert "overridden" in final_report and "This run failed" not in final_report
     declared = {s.name: s.reads for s in pipeline.STAGE_TABLE}
     assert {name: undeclared(found, declared[name]) for name, found in reads.items()} == {s: [] for s in declared}
+    assert undeclared_files(files, pipeline.STAGE_TABLE) == {s: [] for s in declared}
+    assert "safety.json" in files["report"] and "ollama/Modelfile" in files["safety"]
     assert {"sft.system_prompt", "train.objective"} <= reads["modelfile"] and "sft" in {r.split(".")[0] for r in reads["prepare"]}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from stage_helpers import RecordingRecipe, quiet_console, record_stage_reads, undeclared
+from stage_helpers import (RecordingRecipe, quiet_console, record_stage_files, record_stage_reads, undeclared,
+                           undeclared_files)
 
 from cpt_kit import pipeline
 from cpt_kit.recipe import Model, Recipe
@@ -52,9 +53,13 @@ def test_real_stages_read_only_declared_fields(tiny_recipe, tmp_path, monkeypatc
     recipe = tiny_recipe()
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, replay=Replay(sources=(str(replay),))))
     reads = record_stage_reads(monkeypatch, pipeline.STAGE_TABLE)
+    files = record_stage_files(monkeypatch, pipeline.STAGE_TABLE, tmp_path / "run")
     pipeline.run_pipeline(recipe, RunDir(tmp_path / "run"), quiet_console())
     declared = {s.name: s.reads for s in pipeline.STAGE_TABLE}
     assert {name: undeclared(found, declared[name]) for name, found in reads.items()} == {s: [] for s in declared}
+    # the run files each stage opened for reading are among those it declares (its fingerprint hashes them)
+    assert undeclared_files(files, pipeline.STAGE_TABLE) == {s: [] for s in declared}
+    assert {"ollama/Modelfile", "gguf/quality.json"} <= files["verify"] and "data/stats.json" in files["report"]
     assert "eval.max_blocks" in reads["verify"]  # (model.max_seq_length only for runs without held-out data)
     # the gguf stage gates each quantization on the verify blocks, under the recipe's limits
     assert {"eval.max_blocks", "export.quant_max_kl", "export.quant_max_ppl_delta"} <= reads["gguf"]
