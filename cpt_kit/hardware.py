@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from cpt_kit.errors import RecipeError
 from cpt_kit.recipe import Recipe
@@ -32,6 +35,28 @@ def detect() -> Hardware:
         return Hardware("cuda", props.name, torch.cuda.is_bf16_supported(), props.total_memory / 2**30)
     import platform
     return Hardware("cpu", platform.processor() or platform.machine(), False, 0.0)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_threads() -> int:
+    """Threads for llama.cpp's CPU work (quantize, importance matrix): OMP_NUM_THREADS when set (the
+    variable that also sets torch's threads), else the CPUs this process may use: its affinity
+    (taskset, a container's cpuset) capped by a cgroup CPU quota (`docker --cpus`). Not
+    os.cpu_count(): inside a container that is the host's count, and llama.cpp threads that outnumber
+    the usable CPUs spin-wait on each other and run many times slower."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            usable = min(usable, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, usable)
 
 
 def check_recipe_against_hardware(recipe: Recipe, hw: Hardware) -> list[str]:

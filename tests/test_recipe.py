@@ -157,3 +157,24 @@ def test_recipe_can_reuse_a_sibling_recipe(tmp_path):
         "import dataclasses\nfrom parent import RECIPE as P\nRECIPE = dataclasses.replace(P, name='child')\n")
     child = load_recipe(tmp_path / "child.py")
     assert child.name == "child" and child.model.base == "m"
+
+
+def test_llama_cpp_threads_follow_the_usable_cpus_not_the_machines(monkeypatch, tmp_path):
+    """OMP_NUM_THREADS wins; else the affinity mask (taskset, a container's cpuset), capped by a cgroup
+    quota (docker --cpus 1.5 -> 2): inside a container os.cpu_count() is the host's count."""
+    import os
+
+    from cpt_kit import hardware
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", quota)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert hardware.cpu_threads() == 6  # no cgroup file: the affinity mask
+    quota.write_text("max 100000\n")
+    assert hardware.cpu_threads() == 6
+    quota.write_text("150000 100000\n")
+    assert hardware.cpu_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert hardware.cpu_threads() == 3

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cpt_kit.errors import ExportError
+from cpt_kit.hardware import cpu_threads
 from cpt_kit.rundir import atomic_path
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
@@ -178,7 +179,7 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: str, *, nthread: Optiona
     in_file, out_file = Path(in_file).resolve(), Path(out_file).resolve()
     started = time.perf_counter()
     with atomic_path(out_file) as partial:
-        args = {"src": str(in_file), "dst": str(partial), "quant": quant, "nthread": nthread or os.cpu_count() or 1,
+        args = {"src": str(in_file), "dst": str(partial), "quant": quant, "nthread": nthread or cpu_threads(),
                 "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type,
                 "imatrix": str(imatrix) if imatrix else None}
         package_root = str(Path(__file__).resolve().parents[2])

@@ -21,7 +21,7 @@ from cpt_kit.rundir import RunDir
 def measure_quality(ctx, files: dict[str, Path], produced: dict[str, dict]) -> dict:
     """Gate every quantization in `files` against the unquantized GGUF on the comparison blocks and
     write gguf/quality.json; `produced` is this stage's record per file (bytes, fallback tensors)."""
-    import torch
+    from cpt_kit.hardware import cpu_threads
     from transformers import AutoTokenizer
 
     from cpt_kit.export.comparison_blocks import comparison_blocks
@@ -38,7 +38,7 @@ def measure_quality(ctx, files: dict[str, Path], produced: dict[str, dict]) -> d
     if quantized:
         blocks, source = comparison_blocks(run_dir, recipe, AutoTokenizer.from_pretrained(tokenizer_dir(run_dir)))
         with progress(ctx.console, f"quantization quality vs {reference}", None, heartbeat=True):
-            measured = compare_to_reference(files[reference], quantized, blocks, max(1, torch.get_num_threads()))
+            measured = compare_to_reference(files[reference], quantized, blocks, cpu_threads())
     report = quality_report(recipe.export, reference, measured, produced)
     report.update(blocks=len(blocks), block_source=source)
     for quant, result in report["formats"].items():

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from cpt_kit.errors import ExportError
+from cpt_kit.hardware import cpu_threads
 
 TOOL = "llama-imatrix"
 CHUNK_TOKENS = 512
@@ -117,7 +118,7 @@ def compute_imatrix(model: Path, text_file: Path, out: Path, tokens: int, *, chu
     started = time.perf_counter()
     with atomic_path(out) as partial:
         cmd = [str(tool), "-m", str(model), "-f", str(text_file), "-o", str(partial), "-c", str(chunk),
-               "-b", str(chunk), "--chunks", str(chunks), "--no-ppl", "-t", str(threads or os.cpu_count() or 1),
+               "-b", str(chunk), "--chunks", str(chunks), "--no-ppl", "-t", str(threads or cpu_threads()),
                "--output-frequency", str(10**6)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not partial.is_file():

@@ -61,7 +61,7 @@ def check_quantizations(ctx, served: str | None) -> dict:
 
 
 def run(ctx) -> dict:
-    import torch
+    from cpt_kit.hardware import cpu_threads
     from transformers import AutoTokenizer
 
     from cpt_kit.export import verify
@@ -80,7 +80,7 @@ def run(ctx) -> dict:
     reference = recipe.export.outtype.upper()
     tok_dir = tokenizer_dir(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    threads = max(1, torch.get_num_threads())
+    threads = cpu_threads()
     checks: dict[str, dict] = {}
 
     texts, informational = verify.probe_texts(tokenizer, heldout_texts(run_dir))

@@ -7,7 +7,7 @@ from cpt_kit.errors import RecipeError
 
 def probe_model(ctx, probes) -> dict:
     """The content of safety.json (without the override flag, which the stage adds)."""
-    import torch
+    from cpt_kit.hardware import cpu_threads
     from transformers import AutoTokenizer
 
     from cpt_kit.export.chat_template import jinja_text
@@ -28,7 +28,7 @@ def probe_model(ctx, probes) -> dict:
     modelfile = parse(modelfile_path.read_text(encoding="utf-8"))
     stops = modelfile.params("stop")
     prompts = [ollama_prompt(tokenizer, modelfile.system, p.prompt) for p in probes.probes]
-    threads = max(1, torch.get_num_threads())
+    threads = cpu_threads()
     answers: dict[str, list[dict]] = {}
     warnings: list[str] = []
     if "hf" in safety.formats:
