@@ -137,8 +137,14 @@ def test_notebooks_run_headless(tmp_path, monkeypatch):
     run, corpus, drive = tmp_path / "language-run", tmp_path / "content" / "corpus", tmp_path / "drive" / "language"
     common = dict(RECIPE="recipes/demo.py", OUTPUT_DIR=str(run), INSTALL=False, UPLOAD_CORPUS=True,
                   UPLOAD_DIR=str(corpus), PLAN_GPU="cpu")
-    language = _printed(_execute(NOTEBOOKS / "language.ipynb", tmp_path, OVERRIDES=FAST, SAVE_MODEL_TO=str(drive),
-                                 **common))
+    try:
+        language = _printed(_execute(NOTEBOOKS / "language.ipynb", tmp_path, OVERRIDES=FAST, SAVE_MODEL_TO=str(drive),
+                                     **common))
+    finally:  # Colab (and the fake) save uploads in the working directory, the checkout: the notebook moves them
+        left = [REPO / p.name for p in picked.iterdir() if (REPO / p.name).exists()]
+        for path in left:
+            path.unlink()
+    assert not left, f"uploaded files left in the checkout: {left[:3]}"
     assert "fits" in language and "ollama create demo -f Modelfile" in language
     assert (run / "report.md").is_file() and list((run / "report").glob("*.png"))
     # the run trained on the uploaded files, not on the recipe's own corpus
