@@ -217,12 +217,7 @@ def _run_stage(stage: Stage, ctx: StageContext, basis: dict, previous: dict, err
     earlier run of it recorded that it did not write again, when they are still as recorded). On failure
     the error names the stage (`failed_stage`) and a crash's traceback goes to logs/<error_log>."""
     run, manifest = ctx.run, ctx.manifest
-    unrecorded = unrecorded_outputs(stage, previous, run.root)
-    if unrecorded:
-        raise CptKitError(f"stage {stage.name!r} would replace files this run did not write: "
-                          f"{', '.join(unrecorded[:5])}" + (f" (+{len(unrecorded) - 5} more)" if len(unrecorded) > 5 else ""),
-                          where=str(run.root), hint=f"move them out of {', '.join(stage.outputs)} (those paths hold "
-                                                    "what cpt-kit writes), then run again")
+    refuse_unrecorded_outputs(stage, previous, run.root)
     manifest.start(stage.name, ctx.fingerprint, basis)
     before = stat_keys(run.root, stage.outputs)
     started = time.perf_counter()
@@ -269,6 +264,17 @@ def _record_crash(stage: Stage, ctx: StageContext, exc: BaseException, started: 
     if not isinstance(exc, CptKitError):
         atomic_write_text(ctx.run.logs / error_log, traceback.format_exc())
         exc.error_log = ctx.run.logs / error_log  # the CLI names it
+
+
+def refuse_unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> None:
+    """Stop before `stage` writes when its output paths hold files this run did not write (the user's),
+    naming them: a stage never replaces or deletes them."""
+    unrecorded = unrecorded_outputs(stage, entry, root)
+    if unrecorded:
+        raise CptKitError(f"stage {stage.name!r} would replace files this run did not write: "
+                          f"{', '.join(unrecorded[:5])}" + (f" (+{len(unrecorded) - 5} more)" if len(unrecorded) > 5 else ""),
+                          where=str(root), hint=f"move them out of {', '.join(stage.outputs)} (those paths hold "
+                                                "what cpt-kit writes), then run again")
 
 
 def unrecorded_outputs(stage: Stage, entry: dict, root: Path) -> list[str]:

@@ -82,19 +82,14 @@ def prepare_adapter_run(adapter_dir: Path, recipe: Recipe, run: RunDir, force: b
     the train stage's outputs (idempotent). The caller has checked that `run` is a run directory (or
     new) and holds its lock."""
     from cpt_kit.file_records import file_record
-    from cpt_kit.pipeline import STAGE_TABLE, STAGES, remove_earlier_outputs, unrecorded_outputs
+    from cpt_kit.pipeline import STAGE_TABLE, STAGES, refuse_unrecorded_outputs, remove_earlier_outputs
 
     adapter_dir = Path(adapter_dir).resolve()
     manifest = Manifest.load(run.manifest)
     check_adapter_run(recipe, run, manifest, force)
     train = manifest.stage("train")
     if run.adapter.resolve() != adapter_dir and not _same_files(adapter_dir, run.adapter):
-        unrecorded = unrecorded_outputs(STAGE_TABLE[STAGES.index("train")], train, run.root)
-        if unrecorded:
-            raise CptKitError(f"{run.adapter} holds files this run did not copy there: {', '.join(unrecorded[:5])}"
-                              + (f" (+{len(unrecorded) - 5} more)" if len(unrecorded) > 5 else ""),
-                              where=str(run.root), hint="move them out of adapter/ (it holds the adapter cpt-kit "
-                                                        "exports), then run again")
+        refuse_unrecorded_outputs(STAGE_TABLE[STAGES.index("train")], train, run.root)
         with atomic_entries(run.adapter) as tmp:  # replaces the adapter's files, nothing else there
             for item in _adapter_files(adapter_dir):
                 shutil.copyfile(item, tmp / item.name)
